@@ -1,0 +1,136 @@
+"""Scoring: answer matching (EM / F1) and calibration (ECE / Brier / reliability bins).
+
+Answer matching follows the official SQuAD v1.1 and HotpotQA evaluation scripts, which the
+Search-R1 benchmarks (NQ, TriviaQA, PopQA, HotpotQA, 2Wiki, MuSiQue, Bamboogle) also use:
+
+    normalize_answer("The  Big-Cat!")      -> "bigcat"        # lower, drop punctuation, articles, extra spaces
+    exact_match("the big cat", ["Big cat"]) -> 1.0
+    f1_score("the big cat", ["a big dog"])  -> 0.5            # tokens [big, cat] vs [big, dog]
+
+Both take a list of gold answers and return the best score over them (max over golds).
+
+Calibration of verbalised confidences q (the paper's <confidence>) against 0/1 outcomes:
+
+    expected_calibration_error([0.9, 0.2], [1, 0])   # equal-width bins, weighted |accuracy - mean q|
+    brier_score([0.9, 0.2], [1, 0])                  # mean (q - outcome)^2
+    reliability_bins(qs, outcomes)                   # per-bin count / mean q / accuracy, for reports
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+_PUNCTUATION = set(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+# ---------------------------------------------------------------------------- answer matching
+
+def normalize_answer(s: str) -> str:
+    """SQuAD normalisation: lower case, remove punctuation, remove articles, collapse whitespace."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in _PUNCTUATION)
+    s = _ARTICLES.sub(" ", s)
+    return " ".join(s.split())
+
+
+def _check_golds(golds: Sequence[str]) -> None:
+    if isinstance(golds, str):
+        raise TypeError("golds must be a list of gold answers, not a single string")
+    if len(golds) == 0:
+        raise ValueError("no gold answers to score against")
+
+
+def exact_match(prediction: str, golds: Sequence[str]) -> float:
+    """1.0 if the normalised prediction equals any normalised gold answer, else 0.0."""
+    _check_golds(golds)
+    pred = normalize_answer(prediction)
+    return float(any(pred == normalize_answer(g) for g in golds))
+
+
+def _f1_one(prediction: str, gold: str) -> float:
+    """Token F1 of one prediction against one gold (HotpotQA script: yes/no/noanswer must match exactly)."""
+    pred, ref = normalize_answer(prediction), normalize_answer(gold)
+    special = ("yes", "no", "noanswer")
+    if (pred in special or ref in special) and pred != ref:
+        return 0.0
+    pred_tokens, ref_tokens = pred.split(), ref.split()
+    common = Counter(pred_tokens) & Counter(ref_tokens)
+    num_same = sum(common.values())
+    if num_same == 0:
+        return 0.0
+    precision = num_same / len(pred_tokens)
+    recall = num_same / len(ref_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def f1_score(prediction: str, golds: Sequence[str]) -> float:
+    """Best token-level F1 of the prediction over the gold answers."""
+    _check_golds(golds)
+    return max(_f1_one(prediction, g) for g in golds)
+
+
+# ---------------------------------------------------------------------------- calibration
+
+@dataclass
+class ReliabilityBin:
+    """One equal-width confidence bin [lo, hi) (the last bin includes 1.0)."""
+
+    lo: float
+    hi: float
+    count: int
+    mean_confidence: float | None  # None for an empty bin
+    accuracy: float | None  # share of successes; None for an empty bin
+
+
+def _check_pairs(confidences: Sequence[float], outcomes: Sequence[float | bool]) -> tuple[list[float], list[float]]:
+    if len(confidences) != len(outcomes):
+        raise ValueError(f"{len(confidences)} confidences but {len(outcomes)} outcomes")
+    if len(confidences) == 0:
+        raise ValueError("no (confidence, outcome) pairs to score")
+    qs = [float(q) for q in confidences]
+    ys = [float(y) for y in outcomes]
+    for i, q in enumerate(qs):
+        if not 0.0 <= q <= 1.0:  # also rejects NaN
+            raise ValueError(f"confidence #{i} is {q}, outside [0, 1]")
+    for i, y in enumerate(ys):
+        if y not in (0.0, 1.0):
+            raise ValueError(f"outcome #{i} is {y}, expected 0/1")
+    return qs, ys
+
+
+def reliability_bins(confidences: Sequence[float], outcomes: Sequence[float | bool],
+                     n_bins: int = 10) -> list[ReliabilityBin]:
+    """Split predictions into ``n_bins`` equal-width confidence bins; bin i is [i/n, (i+1)/n), 1.0 in the last."""
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    qs, ys = _check_pairs(confidences, outcomes)
+    members: list[list[int]] = [[] for _ in range(n_bins)]
+    for i, q in enumerate(qs):
+        members[min(int(q * n_bins), n_bins - 1)].append(i)
+    bins = []
+    for b, idx in enumerate(members):
+        mean_q = sum(qs[i] for i in idx) / len(idx) if idx else None
+        acc = sum(ys[i] for i in idx) / len(idx) if idx else None
+        bins.append(ReliabilityBin(lo=b / n_bins, hi=(b + 1) / n_bins, count=len(idx),
+                                   mean_confidence=mean_q, accuracy=acc))
+    return bins
+
+
+def expected_calibration_error(confidences: Sequence[float], outcomes: Sequence[float | bool],
+                               n_bins: int = 10) -> float:
+    """ECE = sum over bins of (bin count / N) * |accuracy(bin) - mean confidence(bin)|."""
+    bins = reliability_bins(confidences, outcomes, n_bins)
+    n = sum(b.count for b in bins)
+    return sum(b.count / n * abs(b.accuracy - b.mean_confidence)  # type: ignore[operator]
+               for b in bins if b.count)
+
+
+def brier_score(confidences: Sequence[float], outcomes: Sequence[float | bool]) -> float:
+    """Mean squared error between confidence and the 0/1 outcome (0 is perfect, 1 is worst)."""
+    qs, ys = _check_pairs(confidences, outcomes)
+    return sum((q - y) ** 2 for q, y in zip(qs, ys)) / len(qs)

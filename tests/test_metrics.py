@@ -1,0 +1,92 @@
+"""EM / F1 (SQuAD / HotpotQA scripts) and calibration metrics, against numbers worked by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from foresight_core.metrics import (
+    brier_score,
+    exact_match,
+    expected_calibration_error,
+    f1_score,
+    normalize_answer,
+    reliability_bins,
+)
+
+
+def test_normalize_answer():
+    # lower -> "the  big-cat!"; punctuation dropped (no space) -> "the  bigcat"; article -> " bigcat"
+    assert normalize_answer("The  Big-Cat!") == "bigcat"
+    # "an" and "a" are articles only as whole words: "banana" keeps its "an"s
+    assert normalize_answer("An apple, a banana") == "apple banana"
+    assert normalize_answer("  ") == ""
+
+
+def test_exact_match_max_over_golds():
+    assert exact_match("the Eiffel Tower.", ["eiffel tower"]) == 1.0
+    assert exact_match("Paris", ["London", "paris"]) == 1.0  # any gold counts
+    assert exact_match("Paris, France", ["Paris"]) == 0.0
+
+
+def test_f1_hand_worked():
+    # "the big cat" -> [big, cat]; "a big dog" -> [big, dog]; overlap 1, P = R = 1/2, F1 = 0.5
+    assert f1_score("the big cat", ["a big dog"]) == pytest.approx(0.5)
+    # [new, york, city] vs [new, york]: overlap 2, P = 2/3, R = 1, F1 = 2*(2/3)/(5/3) = 0.8
+    assert f1_score("New York City", ["new york"]) == pytest.approx(0.8)
+    # max over golds: 0.8 against "new york", 1.0 against "New York City"
+    assert f1_score("New York City", ["new york", "New York City"]) == pytest.approx(1.0)
+    # repeated tokens count with multiplicity: [big, big] vs [big]: common 1,
+    # P = 1/2, R = 1, F1 = 2*0.5/1.5 = 2/3
+    assert f1_score("big big", ["big"]) == pytest.approx(2 / 3)
+    assert f1_score("cat", ["dog"]) == 0.0
+
+
+def test_f1_yes_no_must_match_exactly():
+    # HotpotQA script: "yes" vs "yes it is" would share a token, but yes/no answers score 0 unless equal
+    assert f1_score("yes it is", ["yes"]) == 0.0
+    assert f1_score("Yes.", ["yes"]) == 1.0
+
+
+def test_gold_answers_must_be_a_list():
+    with pytest.raises(TypeError, match="list of gold answers"):
+        exact_match("x", "x")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="no gold answers"):
+        f1_score("x", [])
+
+
+def test_reliability_bins_and_ece_hand_worked():
+    qs = [0.05, 0.15, 0.95, 1.0, 0.9]
+    ys = [0, 1, 1, 1, 0]
+    bins = reliability_bins(qs, ys, n_bins=10)
+    assert [b.count for b in bins] == [1, 1, 0, 0, 0, 0, 0, 0, 0, 3]  # 1.0 lands in the last bin
+    last = bins[-1]
+    # last bin: q = 0.95, 1.0, 0.9 -> mean 0.95; outcomes 1, 1, 0 -> accuracy 2/3
+    assert last.mean_confidence == pytest.approx(0.95)
+    assert last.accuracy == pytest.approx(2 / 3)
+    assert bins[2].mean_confidence is None and bins[2].accuracy is None
+    # ECE = 1/5*|0 - 0.05| + 1/5*|1 - 0.15| + 3/5*|2/3 - 0.95|
+    #     = 0.01 + 0.17 + 0.6*0.28333 = 0.18 + 0.17 = 0.35
+    assert expected_calibration_error(qs, ys) == pytest.approx(0.35)
+
+
+def test_ece_perfect_and_worst():
+    # one bin (all q = 0.5) with half successes: perfectly calibrated
+    assert expected_calibration_error([0.5, 0.5, 0.5, 0.5], [1, 0, 1, 0]) == pytest.approx(0.0)
+    # fully confident and always wrong: |0 - 1| = 1
+    assert expected_calibration_error([1.0, 1.0], [False, False]) == pytest.approx(1.0)
+
+
+def test_brier_hand_worked():
+    # ((0.9-1)^2 + (0.2-0)^2 + (0.6-0)^2) / 3 = (0.01 + 0.04 + 0.36) / 3 = 0.13667
+    assert brier_score([0.9, 0.2, 0.6], [1, 0, 0]) == pytest.approx(0.41 / 3)
+
+
+def test_calibration_rejects_bad_input():
+    with pytest.raises(ValueError, match="outside"):
+        brier_score([1.2], [1])
+    with pytest.raises(ValueError, match="2 confidences but 1 outcomes"):
+        expected_calibration_error([0.1, 0.2], [1])
+    with pytest.raises(ValueError, match="expected 0/1"):
+        brier_score([0.5], [0.5])
+    with pytest.raises(ValueError, match="no \\(confidence"):
+        brier_score([], [])
