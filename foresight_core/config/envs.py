@@ -76,7 +76,16 @@ class SandboxConfig(StrictModel):
     max_output_chars: int = Field(default=2000, ge=64)
     """Stdout/stderr returned to the model is cut to this."""
     max_processes: int = Field(default=32, ge=1)
-    """Process limit inside the sandbox (fork bombs)."""
+    """Process limit inside the sandbox (fork bombs); run as root, the code gets its own unused uid so
+    that the kernel enforces it."""
+    disk_mb: int = Field(default=32, ge=1)
+    """Largest file the code may write (RLIMIT_FSIZE); with bwrap also the size of its tmpfs working folder."""
+    kill_output_bytes: int = Field(default=1_000_000, ge=1024)
+    """The program is stopped once it has written this many bytes (stdout + stderr); beyond
+    ``max_output_chars`` output is drained and dropped, never buffered."""
+    cache_size: int = Field(default=4096, ge=0)
+    """MathEnv reuses the result of identical code (LRU entries per process), so Monte Carlo replays
+    of a prefix run each distinct program once. 0 turns the cache off."""
 
 
 class MathConfig(StrictModel):
