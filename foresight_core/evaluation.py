@@ -1,0 +1,205 @@
+"""Benchmark evaluation: a trained model plays held-out tasks; we score, calibrate and count.
+
+    engine = HFEngine(model, tokenizer)                            # or vllm_engine.VLLMEngine on a GPU
+    report = evaluate_sets(engine, ChatBridge(tokenizer), eval_sets, cfg.eval, envs_cfg=cfg.envs)
+    report["search_world"]["direct"]["score"]                      # EM (search) / verified (maths), mean@k
+
+Per benchmark and per decoding mode it reports:
+- ``score`` (mean@k: the mean task score over k samples per task; EM for search, math-verify for maths),
+  ``pass_at_k`` (share of tasks solved by any of the k samples), ``f1`` (search);
+- ``ece`` / ``brier`` of every stated confidence against the episode outcome, and ``ece_first`` /
+  ``brier_first`` for the first turn's q alone (the plan-conditioned success estimate before acting);
+- ``grounding_rate``: the share of predicted keywords that appear in the episode's real future;
+- ``format_rate``: episodes whose every turn is well formed (the paper's format adherence);
+- ``gen_tokens`` per episode and ``turns`` (the token overhead of foresight).
+
+Decoding modes:
+- ``direct``: one sample per turn at ``cfg.temperature`` (0 = greedy);
+- ``planning`` (``cfg.plan_candidates`` = K > 1, foresight format only): test-time planning with the
+  internal world model -- at every turn K candidate turns are sampled and the episode acts on the
+  well-formed one with the highest verbalised confidence. It is a ``RolloutEngine`` wrapper, so the
+  agent loop is the same code. (METHOD.md: "sample K candidate plans, act on the one with the highest
+  verbalised q; measured against greedy".)
+
+Pure science: imports no Ray, Prefect or MLflow; the Ray Data adapter is ``foresight_tasks.evaluate``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from foresight_core.config.envs import EnvsConfig
+from foresight_core.config.evaluation import EvalConfig
+from foresight_core.envs.base import Env
+from foresight_core.format import parse_turn
+from foresight_core.grpo import future_texts, grounding_reward
+from foresight_core.metrics import brier_score, expected_calibration_error
+from foresight_core.rollout import Generation, Rollout, RolloutEngine, SamplingParams, play_group
+from foresight_core.types import Task
+
+# ---------------------------------------------------------------------------------------------
+# Test-time planning: act on the candidate with the highest verbalised q
+
+
+class PlanSelectingEngine:
+    """Wraps an engine: each prompt gets K sampled candidates; the best well-formed one by confidence is returned.
+
+    Ties go to the earlier candidate; when no candidate is well formed the first one is returned, so a
+    model that cannot write the format is scored as it is rather than rescued.
+    """
+
+    def __init__(self, engine: RolloutEngine, tokenizer: Any, k: int, temperature: float) -> None:
+        if k < 2:
+            raise ValueError(f"plan selection needs k >= 2 candidates, got {k}")
+        self.engine, self.tokenizer, self.k, self.temperature = engine, tokenizer, k, temperature
+        self.shares_weights = getattr(engine, "shares_weights", True)
+        self.candidates_generated = 0
+
+    def load_weights(self, weights: Any) -> None:
+        self.engine.load_weights(weights)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+        sampled = replace(params, temperature=self.temperature)
+        gens = self.engine.generate([p for p in prompts for _ in range(self.k)], sampled)
+        self.candidates_generated += sum(len(g.token_ids) for g in gens)
+        return [select_plan(gens[i * self.k:(i + 1) * self.k], self.tokenizer) for i in range(len(prompts))]
+
+
+def select_plan(candidates: Sequence[Generation], tokenizer: Any) -> Generation:
+    """The finished, well-formed candidate with the highest stated confidence (else the first)."""
+    best, best_q = candidates[0], -math.inf
+    for g in candidates:
+        if not g.finished:
+            continue
+        text = tokenizer.decode(g.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        p = parse_turn(text, require_wm=True)
+        if p.valid and p.confidence is not None and p.confidence > best_q:
+            best, best_q = g, p.confidence
+    return best
+
+
+# ---------------------------------------------------------------------------------------------
+# One record per played episode
+
+
+def episode_record(r: Rollout, benchmark: str, mode: str, sample: int) -> dict[str, Any]:
+    """What evaluation keeps of an episode: outcome, stated confidences, grounding, format and length."""
+    futures = future_texts([s.action.content if s.action else "" for s in r.steps], [s.observation for s in r.steps])
+    grounding = [grounding_reward(s.keywords, fut) for s, fut in zip(r.steps, futures) if s.valid and s.keywords]
+    confidences = [s.confidence if s.valid else None for s in r.steps]
+    answer = next((s.action.content for s in reversed(r.steps) if s.action and s.action.kind == "answer"), None)
+    return {
+        "benchmark": benchmark, "mode": mode, "task_id": r.task.id, "env": r.env, "sample": sample,
+        "question": r.task.question, "gold": list(r.task.answers), "answer": answer,
+        "success": bool(r.success), "score": float(r.score), "f1": float(r.info.get("f1", r.score)),
+        "format_ok": bool(r.format_ok), "finish": r.finish, "turns": len(r.steps),
+        "gen_tokens": int(r.generated_tokens), "confidences": confidences, "grounding": grounding,
+    }
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def summarise(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Aggregate episode records of one benchmark and mode (k samples per task -> mean@k and pass@k)."""
+    if not records:
+        raise ValueError("summarise() needs at least one episode record")
+    by_task: dict[str, list[Mapping[str, Any]]] = {}
+    for rec in records:
+        by_task.setdefault(rec["task_id"], []).append(rec)
+    out = {
+        "episodes": float(len(records)),
+        "tasks": float(len(by_task)),
+        "score": _mean([r["score"] for r in records]),  # mean@k
+        "pass_at_k": _mean([float(any(r["success"] for r in rs)) for rs in by_task.values()]),
+        "f1": _mean([r["f1"] for r in records]),
+        "format_rate": _mean([float(r["format_ok"]) for r in records]),
+        "gen_tokens": _mean([r["gen_tokens"] for r in records]),
+        "turns": _mean([r["turns"] for r in records]),
+        "grounding_rate": _mean([g for r in records for g in r["grounding"]]),
+    }
+    pairs = [(q, float(r["success"])) for r in records for q in r["confidences"] if q is not None]
+    first = [(r["confidences"][0], float(r["success"])) for r in records if r["confidences"] and r["confidences"][0] is not None]
+    out["confidence_rate"] = len(pairs) / max(1, sum(r["turns"] for r in records))
+    for suffix, ps in (("", pairs), ("_first", first)):
+        if ps:
+            out["ece" + suffix] = expected_calibration_error([q for q, _ in ps], [o for _, o in ps])
+            out["brier" + suffix] = brier_score([q for q, _ in ps], [o for _, o in ps])
+        else:  # no stated confidence at all: calibration is undefined, not perfect
+            out["ece" + suffix] = out["brier" + suffix] = float("nan")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Playing benchmarks
+
+
+def play_benchmark(engine: RolloutEngine, bridge: Any, make_env: Callable[[Task], Env], tasks: Sequence[Task],
+                   cfg: EvalConfig, benchmark: str, mode: str = "direct") -> list[dict[str, Any]]:
+    """k samples of every task, ``cfg.batch_size`` episodes at a time; one record per episode."""
+    if mode == "planning":
+        engine = PlanSelectingEngine(engine, bridge.tokenizer, cfg.plan_candidates, cfg.plan_temperature)
+    params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
+    k = cfg.samples_per_task
+    per_batch = max(1, cfg.batch_size // k)
+    records: list[dict[str, Any]] = []
+    for b in range(0, len(tasks), per_batch):
+        chunk = list(tasks[b:b + per_batch])
+        rollouts = play_group(engine, bridge, make_env, chunk, k, params, cfg.turn_format,
+                              max_context_tokens=cfg.max_context_tokens)
+        records += [episode_record(r, benchmark, mode, i % k) for i, r in enumerate(rollouts)]
+    return records
+
+
+def modes(cfg: EvalConfig) -> list[str]:
+    """Decoding modes this config asks for: direct always; planning with K > 1 in the foresight format."""
+    return ["direct"] + (["planning"] if cfg.plan_candidates > 1 and cfg.turn_format == "foresight" else [])
+
+
+def evaluate_sets(engine: RolloutEngine, bridge: Any, eval_sets: Mapping[str, Sequence[Task]], cfg: EvalConfig,
+                  envs_cfg: EnvsConfig | None = None, make_env: Callable[[Task], Env] | None = None,
+                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Every benchmark in ``eval_sets`` in every mode: ``{benchmark: {mode: metrics}}`` plus ``"records"``."""
+    if make_env is None:
+        from foresight_core.envs import env_for_task
+        envs_cfg = envs_cfg or EnvsConfig()
+        make_env = lambda task: env_for_task(task, envs_cfg)  # noqa: E731
+    report: dict[str, Any] = {"records": []}
+    for name, tasks in eval_sets.items():
+        tasks = list(tasks)[:cfg.max_tasks] if cfg.max_tasks else list(tasks)
+        if not tasks:
+            continue
+        report[name] = {}
+        for mode in modes(cfg):
+            t0 = time.perf_counter()
+            recs = play_benchmark(engine, bridge, make_env, tasks, cfg, name, mode)
+            metrics = summarise(recs)
+            metrics["seconds"] = time.perf_counter() - t0
+            report[name][mode] = metrics
+            report["records"] += recs
+            if progress:
+                progress(f"{name}/{mode}: score {metrics['score']:.3f} format {metrics['format_rate']:.2f} "
+                         f"ece {metrics['ece']:.3f} ({metrics['seconds']:.0f}s)")
+    return report
+
+
+def flat_metrics(report: Mapping[str, Any]) -> dict[str, float]:
+    """``{"<benchmark>/<mode>/<metric>": value}`` for a tracker, NaNs dropped; plus the mean over benchmarks."""
+    out: dict[str, float] = {}
+    per_mode: dict[str, list[float]] = {}
+    for name, by_mode in report.items():
+        if name == "records":
+            continue
+        for mode, metrics in by_mode.items():
+            for k, v in metrics.items():
+                if isinstance(v, float) and not math.isnan(v):
+                    out[f"{name}/{mode}/{k}"] = v
+            per_mode.setdefault(mode, []).append(metrics["score"])
+    for mode, scores in per_mode.items():
+        out[f"avg/{mode}/score"] = _mean(scores)
+    return out

@@ -1,0 +1,283 @@
+"""Datasets on a local disk or in object storage (``s3://``), through fsspec.
+
+    from foresight_core.storage import DatasetWriter, is_complete, read_rows
+    with DatasetWriter("s3://bucket/corpus/abc", storage=cfg.infra.storage) as w:
+        w.write_rows("wm_amt.jsonl", rows)                 # JSONL or Parquet, by the name's suffix
+        manifest = w.commit({"counts": {...}})             # manifest.json is written LAST
+    is_complete("s3://bucket/corpus/abc", storage=...)    # True: manifest exists and every hash matches
+    rows = read_rows(join_uri(uri, "wm_amt.jsonl"), storage=...)
+
+Publication protocol. A dataset folder is *complete* when ``manifest.json`` exists and the
+sha256 of every file it lists matches. ``DatasetWriter`` first deletes any old manifest in the
+folder, then writes the data files, then the manifest. A run that dies half-way therefore leaves
+data files without a manifest, which no reader takes for a finished dataset, and the next run
+overwrites them. (Object stores have no atomic folder rename, so "manifest last, hashes inside"
+is the one protocol that holds on both a disk and S3.)
+
+Row formats. JSONL holds one JSON object a line; a bad line raises ``StorageError`` naming the
+file and the line. Parquet keeps scalar top-level fields as native columns and stores nested
+ones (dicts, lists) as JSON text, listed in the schema metadata key ``foresight.json_columns``
+so ``read_rows`` restores them exactly; rows of different environments (different ``meta``
+shapes) then share one schema.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import fsspec
+
+from foresight_core.config.infra import StorageConfig
+
+MANIFEST = "manifest.json"
+JSON_COLUMNS_KEY = b"foresight.json_columns"
+
+
+class StorageError(RuntimeError):
+    """A file that cannot be read or written as asked; the message names the URI (and line)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# URIs and filesystems
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """``join_uri("s3://b/x", "eval", "nq.jsonl") -> "s3://b/x/eval/nq.jsonl"`` (local paths too)."""
+    if "://" in base:
+        scheme, rest = base.split("://", 1)
+        return f"{scheme}://" + posixpath.join(rest.rstrip("/"), *[p.strip("/") for p in parts])
+    return posixpath.join(base, *parts)
+
+
+def filesystem(uri: str, storage: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and in-filesystem path of ``uri``; ``s3://`` gets ``storage``'s options."""
+    opts = storage.storage_options() if (storage is not None and uri.startswith(("s3://", "s3a://"))) else {}
+    fs, path = fsspec.core.url_to_fs(uri, **opts)
+    return fs, path
+
+
+def exists(uri: str, storage: StorageConfig | None = None) -> bool:
+    fs, path = filesystem(uri, storage)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
+    fs, path = filesystem(uri, storage)
+    try:
+        with fs.open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise StorageError(f"{uri}: no such file") from None
+
+
+def write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> None:
+    fs, path = filesystem(uri, storage)
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(data)
+
+
+def remove(uri: str, storage: StorageConfig | None = None) -> None:
+    """Delete a file if it exists."""
+    fs, path = filesystem(uri, storage)
+    if fs.exists(path):
+        fs.rm(path)
+
+
+def read_json(uri: str, storage: StorageConfig | None = None) -> Any:
+    try:
+        return json.loads(read_bytes(uri, storage))
+    except json.JSONDecodeError as e:
+        raise StorageError(f"{uri}: not valid JSON: {e}") from None
+
+
+def write_json(uri: str, obj: Any, storage: StorageConfig | None = None) -> bytes:
+    data = json.dumps(obj, indent=2, sort_keys=True).encode()
+    write_bytes(uri, data, storage)
+    return data
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(uri: str, storage: StorageConfig | None = None) -> str:
+    """sha256 of a file, read in 1 MiB chunks."""
+    fs, path = filesystem(uri, storage)
+    h = hashlib.sha256()
+    try:
+        with fs.open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except FileNotFoundError:
+        raise StorageError(f"{uri}: no such file") from None
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows: JSONL and Parquet
+
+
+def rows_format(uri: str) -> str:
+    """``jsonl`` or ``parquet`` from the file name."""
+    if uri.endswith((".jsonl", ".jsonl.gz")):
+        return "jsonl"
+    if uri.endswith(".parquet"):
+        return "parquet"
+    raise StorageError(f"{uri}: unknown row format (expected .jsonl or .parquet)")
+
+
+def encode_jsonl(rows: Iterable[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows).encode()
+
+
+def decode_jsonl(data: bytes, uri: str = "<bytes>") -> Iterator[dict[str, Any]]:
+    for i, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise StorageError(f"{uri}:{i}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise StorageError(f"{uri}:{i}: a row must be a JSON object, got {type(row).__name__}")
+        yield row
+
+
+def encode_parquet(rows: list[dict[str, Any]]) -> bytes:
+    """Scalar fields as native columns, nested fields as JSON text (see the module docstring)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names: list[str] = []
+    for r in rows:
+        names.extend(k for k in r if k not in names)
+    json_cols = sorted({k for r in rows for k, v in r.items() if isinstance(v, (dict, list))})
+    columns = {}
+    for k in names:
+        values = [r.get(k) for r in rows]
+        if k in json_cols:
+            values = [None if v is None else json.dumps(v, ensure_ascii=False, sort_keys=True) for v in values]
+        try:
+            columns[k] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise StorageError(f"parquet column {k!r} mixes types ({e}); make it one type") from None
+    table = pa.table(columns) if columns else pa.table({})
+    table = table.replace_schema_metadata({JSON_COLUMNS_KEY: json.dumps(json_cols).encode()})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def decode_parquet(data: bytes, uri: str = "<bytes>") -> list[dict[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise StorageError(f"{uri}: not a readable Parquet file ({e})") from None
+    meta = table.schema.metadata or {}
+    json_cols = set(json.loads(meta.get(JSON_COLUMNS_KEY, b"[]")))
+    rows = table.to_pylist()
+    for r in rows:
+        for k in json_cols:
+            if r.get(k) is not None:
+                r[k] = json.loads(r[k])
+    return rows
+
+
+def encode_rows(rows: list[dict[str, Any]], fmt: str) -> bytes:
+    if fmt == "jsonl":
+        return encode_jsonl(rows)
+    if fmt == "parquet":
+        return encode_parquet(rows)
+    raise StorageError(f"unknown row format {fmt!r} (expected jsonl or parquet)")
+
+
+def write_rows(uri: str, rows: list[dict[str, Any]], storage: StorageConfig | None = None) -> bytes:
+    """Write rows as JSONL or Parquet (by the name's suffix); returns the bytes written."""
+    data = encode_rows(rows, rows_format(uri))
+    write_bytes(uri, data, storage)
+    return data
+
+
+def read_rows(uri: str, storage: StorageConfig | None = None) -> list[dict[str, Any]]:
+    """Read a JSONL or Parquet file of rows; a bad row raises ``StorageError`` naming file:line."""
+    data = read_bytes(uri, storage)
+    if rows_format(uri) == "jsonl":
+        return list(decode_jsonl(data, uri))
+    return decode_parquet(data, uri)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset folders: manifest last, hashes inside
+
+
+def is_complete(dir_uri: str, storage: StorageConfig | None = None) -> bool:
+    """True when ``<dir>/manifest.json`` exists and every file it lists has the recorded sha256."""
+    return load_manifest(dir_uri, storage) is not None
+
+
+def load_manifest(dir_uri: str, storage: StorageConfig | None = None) -> dict[str, Any] | None:
+    """The manifest of a complete dataset folder, or None (missing, unreadable, or a hash differs)."""
+    uri = join_uri(dir_uri, MANIFEST)
+    if not exists(uri, storage):
+        return None
+    try:
+        manifest = read_json(uri, storage)
+        for name, entry in manifest["files"].items():
+            if sha256_file(join_uri(dir_uri, name), storage) != entry["sha256"]:
+                return None
+    except (StorageError, KeyError, TypeError, AttributeError):
+        return None
+    return manifest
+
+
+class DatasetWriter:
+    """Writes a dataset folder so that it is complete only once ``commit`` has written the manifest.
+
+    Entering removes an old manifest (so the folder stops counting as complete before any file
+    in it changes); each ``write_*`` records the file's sha256, byte size and row count;
+    ``commit(extra)`` writes ``manifest.json`` = ``extra`` + ``{"files": {...}}`` last.
+    """
+
+    def __init__(self, dir_uri: str, storage: StorageConfig | None = None) -> None:
+        self.dir_uri = dir_uri
+        self.storage = storage
+        self.files: dict[str, dict[str, Any]] = {}
+        self.committed = False
+
+    def __enter__(self) -> "DatasetWriter":
+        remove(join_uri(self.dir_uri, MANIFEST), self.storage)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None  # without commit the folder simply stays incomplete
+
+    def uri(self, name: str) -> str:
+        return join_uri(self.dir_uri, name)
+
+    def write_bytes(self, name: str, data: bytes, rows: int | None = None) -> str:
+        if name == MANIFEST:
+            raise StorageError(f"{MANIFEST} is written by commit(), not as a data file")
+        uri = self.uri(name)
+        write_bytes(uri, data, self.storage)
+        self.files[name] = {"sha256": sha256_bytes(data), "bytes": len(data), "rows": rows}
+        return uri
+
+    def write_rows(self, name: str, rows: list[dict[str, Any]]) -> str:
+        return self.write_bytes(name, encode_rows(rows, rows_format(name)), rows=len(rows))
+
+    def commit(self, extra: dict[str, Any]) -> dict[str, Any]:
+        manifest = {**extra, "files": self.files}
+        write_json(self.uri(MANIFEST), manifest, self.storage)
+        self.committed = True
+        return manifest
