@@ -34,8 +34,8 @@ class ModelConfig(StrictModel):
     """Where converted models are cached (None: ~/.cache/foresight)."""
     tiny_layers: int = Field(default=2, ge=1)
     """tiny: number of layers."""
-    tiny_hidden: int = Field(default=64, ge=8)
-    """tiny: hidden size."""
+    tiny_hidden: int = Field(default=64, ge=8, multiple_of=8)
+    """tiny: hidden size (a multiple of 8; heads of 16 dims when it is a multiple of 16, else one head)."""
 
     @model_validator(mode="after")
     def _hf_needs_path(self) -> "ModelConfig":

@@ -1,10 +1,10 @@
-"""WM-AMT and FE-SFT: one causal-LM training loop, two configs. (Owned by the training stage.)"""
+"""WM-AMT and FE-SFT: one causal-LM training loop (``foresight_core.sft``), two configs."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from foresight_core.config.base import StrictModel
 
@@ -18,6 +18,11 @@ class ScalingConfig(StrictModel):
     """ddp everywhere; fsdp (GPUs) for models that do not fit one device."""
     max_failures: int = Field(default=1, ge=0)
     """Ray FailureConfig: restarts from the last checkpoint before the stage fails."""
+    cpus_per_worker: int = Field(default=1, ge=1)
+    """CPUs Ray reserves for each worker (its torch threads)."""
+    malloc_tuning: bool = True
+    """Set ``GLIBC_TUNABLES`` (no mmap, no trim) in the workers' environment: glibc then reuses freed
+    activation memory instead of returning it to the OS every step (measured ~1.5x bf16 throughput on CPU)."""
 
 
 class SFTConfig(StrictModel):
@@ -27,9 +32,9 @@ class SFTConfig(StrictModel):
     """all: next-token loss on every non-masked token (WM-AMT). assistant: assistant tokens only (FE-SFT)."""
     train_on_observations: bool = False
     """WM-AMT only: include observation tokens in the loss (the paper never trains on them in SFT/RL)."""
-    seq_len: int = Field(default=512, ge=32)
-    """Packed sequence length."""
-    batch_size: int = Field(default=4, ge=1)
+    seq_len: int = Field(default=1024, ge=32)
+    """Packed sequence length (laptop-corpus trajectories are ~500-1000 tokens: most fit whole)."""
+    batch_size: int = Field(default=2, ge=1)
     """Packed sequences per micro-batch per worker."""
     grad_accum: int = Field(default=1, ge=1)
     """Micro-batches per optimiser step."""
@@ -49,5 +54,28 @@ class SFTConfig(StrictModel):
     """Share of the data held out for the evaluation loss."""
     checkpoint_every: int = Field(default=25, ge=1)
     """Steps between checkpoints (resume points)."""
+    keep_checkpoints: int = Field(default=2, ge=1)
+    """Checkpoints kept (Ray Train storage and local); older ones are deleted."""
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    """The cosine decays from ``lr`` to ``lr * min_lr_ratio`` at ``max_steps``."""
+    long_samples: Literal["split", "truncate"] = "split"
+    """Samples longer than ``seq_len``: split into overlapping chunks (every target trained once, later
+    chunks without the earlier context) or truncated to their first ``seq_len`` tokens. Both are counted."""
+    foresight: bool = True
+    """Render world-model blocks where a trajectory has them (off: the plain-SFT baseline, blocks dropped)."""
+    activation_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass: less memory, ~30% more compute."""
+    eval_at_start: bool = True
+    """Also measure the held-out losses before the first step (the baseline the stage must beat)."""
+    max_eval_rows: int | None = Field(default=None, ge=1)
+    """Cap on packed held-out rows per evaluation (None: all of them)."""
+    loss_chunk: int = Field(default=1024, ge=16)
+    """Target tokens per chunk of the fused LM-head cross-entropy (bounds the logits memory)."""
     scaling: ScalingConfig = ScalingConfig()
     """Ray Train scaling."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "SFTConfig":
+        if self.train_on_observations and self.loss_on != "all":
+            raise ValueError("train_on_observations needs loss_on: all (assistant-only loss never sees observations)")
+        return self

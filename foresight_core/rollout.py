@@ -1,0 +1,321 @@
+"""Rollouts for FC-RL: the engine interface, the Hugging Face engine, and the multi-turn agent loop.
+
+    engine = HFEngine(model, tokenizer)                       # or vllm_engine.VLLMEngine on a GPU
+    rollouts = play_group(engine, ChatBridge(tok), make_env, tasks, group_size=4,
+                          params=SamplingParams(temperature=1.0, max_new_tokens=256))
+
+A ``RolloutEngine`` turns token prompts into sampled continuations with the log-probability of
+every sampled token, and takes new weights through ``load_weights``. ``play_group`` plays G
+rollouts of every task at once, turn by turn: each turn one batched ``generate`` over all live
+episodes, then every turn is parsed, its action stepped in the episode's own environment and the
+observation appended as tokens that the loss never sees. A malformed or unfinished turn ends its
+episode with format_ok False; nothing the model writes can crash the loop.
+
+Each ``Rollout`` carries the response tokens (prompt excluded) with three masks -- observation,
+world-model span, policy span -- the turn boundaries, the parsed confidence and keywords of every
+step, and the outcome: everything ``fc_rl`` needs for rewards and per-token advantages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+
+from foresight_core.chat import ChatBridge, prompt_messages
+from foresight_core.envs.base import Env
+from foresight_core.format import ParsedTurn, parse_turn
+from foresight_core.types import Action, Step, Task, Trajectory, Turn
+
+log = logging.getLogger(__name__)
+
+TurnFormat = Literal["foresight", "plain", "raw"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine interface
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    stop_token_ids: list[int] = field(default_factory=list)  # empty: the tokenizer's eos
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]  # sampled tokens, the stop token included when ``finished``
+    logprobs: list[float]  # log-probability of each sampled token under the sampling distribution
+    finished: bool  # ended on a stop token (False: cut at max_new_tokens)
+
+
+class RolloutEngine(Protocol):
+    shares_weights: bool
+    """True when the engine samples from the learner's own module (nothing to sync)."""
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]: ...
+
+    def load_weights(self, weights: Mapping[str, torch.Tensor] | str) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face generate engine
+
+
+class _SampledLogprobs:
+    """The one logits processor of our ``generate`` calls: temperature and top-p, and a record of
+    log p(sampled token) that never keeps (steps, B, V) scores.
+
+    HF is asked for plain sampling (temperature 1, no top-k/top-p) and this processor does the
+    warping, so the recorded distribution is exactly the one sampled from. Called at step k with ids
+    ending in the token sampled at step k-1, it gathers that token's log-probability from the
+    distribution of step k-1; ``finish`` gathers the last one.
+    """
+
+    def __init__(self, temperature: float, top_p: float) -> None:
+        self.temperature, self.top_p = temperature, top_p
+        self.prev: torch.Tensor | None = None  # (B, V) log-probs of the last step's sampling distribution
+        self.out: list[torch.Tensor] = []  # one (B,) per generated token
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.prev is not None:
+            self.out.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
+        logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)  # (B, V)
+        if self.top_p < 1.0:  # keep the smallest set of tokens whose mass reaches top_p (the top one always)
+            sorted_lp, idx = logp.sort(dim=-1, descending=True)
+            drop = sorted_lp.exp().cumsum(-1) - sorted_lp.exp() >= self.top_p
+            logp = logp.scatter(1, idx, sorted_lp.masked_fill(drop, float("-inf")))
+            logp = torch.log_softmax(logp, dim=-1)
+        self.prev = logp
+        return logp
+
+    def finish(self, last_tokens: torch.Tensor) -> torch.Tensor:
+        assert self.prev is not None
+        self.out.append(self.prev.gather(1, last_tokens[:, None]).squeeze(1))
+        self.prev = None
+        return torch.stack(self.out, dim=1)  # (B, new_tokens)
+
+
+class HFEngine:
+    """Batched ``model.generate`` with left padding, the KV cache and bf16 autocast where supported.
+
+    The engine holds the learner's own module, so weight sync is free (``shares_weights``). Prompts
+    are sorted by length and cut into batches of ``max_batch`` sequences to bound padding and memory.
+    """
+
+    shares_weights = True
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, autocast_dtype: torch.dtype | None = None,
+                 max_batch: int = 64) -> None:
+        self.model = model
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_id = tokenizer.eos_token_id
+        self.autocast_dtype = autocast_dtype
+        self.max_batch = max_batch
+
+    def load_weights(self, weights: Mapping[str, torch.Tensor] | str) -> None:
+        """Copy weights into the engine's module (a state dict, or a folder saved with save_pretrained)."""
+        if isinstance(weights, str):
+            from transformers import AutoModelForCausalLM
+            weights = AutoModelForCausalLM.from_pretrained(weights).state_dict()
+        self.model.load_state_dict(weights)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        out: list[Generation | None] = [None] * len(prompts)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for b in range(0, len(order), self.max_batch):
+                idx = order[b:b + self.max_batch]
+                for i, g in zip(idx, self._generate_batch([prompts[i] for i in idx], params)):
+                    out[i] = g
+        finally:
+            self.model.train(was_training)
+        return out  # type: ignore[return-value]
+
+    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+        from transformers import GenerationConfig, LogitsProcessorList
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(prompts), width), dtype=torch.long)
+        for r, p in enumerate(prompts):  # left padding: every prompt ends at the same column
+            ids[r, width - len(p):] = torch.tensor(p)
+            attn[r, width - len(p):] = 1
+        stops = params.stop_token_ids or [self.eos_id]
+        gen_cfg = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                                   max_new_tokens=params.max_new_tokens, eos_token_id=stops,
+                                   pad_token_id=self.pad_id, use_cache=True)
+        rec = _SampledLogprobs(params.temperature, params.top_p)
+        autocast = (torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
+                    else contextlib.nullcontext())
+        with autocast:
+            seqs = self.model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
+                                       generation_config=gen_cfg, logits_processor=LogitsProcessorList([rec]))
+        new = seqs[:, width:].cpu()  # (B, new_tokens), pad after a row's stop token
+        lps = rec.finish(seqs[:, -1]).cpu()
+        gens = []
+        for r in range(len(prompts)):
+            row = new[r].tolist()
+            end = next((j + 1 for j, t in enumerate(row) if t in stops), None)
+            n = end if end is not None else len(row)
+            gens.append(Generation(token_ids=row[:n], logprobs=lps[r, :n].tolist(), finished=end is not None))
+        return gens
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollouts
+
+
+@dataclass
+class RolloutStep:
+    """One assistant turn of a rollout, as generated and as parsed."""
+
+    text: str
+    start: int  # [start, end): its generated tokens, in response coordinates
+    end: int
+    valid: bool
+    reason: str | None = None
+    confidence: float | None = None
+    keywords: list[str] | None = None
+    action: Action | None = None
+    turn: Turn | None = None
+    observation: str | None = None
+
+
+@dataclass
+class Rollout:
+    task: Task
+    env: str
+    group: int  # index of the task in the batch: GRPO's group
+    prompt_ids: list[int]
+    response_ids: list[int] = field(default_factory=list)  # generated and observation tokens, prompt excluded
+    logprobs: list[float] = field(default_factory=list)  # sampling log-probs; 0.0 on observation tokens
+    obs_mask: list[int] = field(default_factory=list)
+    wm_mask: list[int] = field(default_factory=list)
+    policy_mask: list[int] = field(default_factory=list)
+    steps: list[RolloutStep] = field(default_factory=list)
+    format_ok: bool = True
+    success: bool = False
+    score: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)  # the environment's info of the final answer
+    finish: str = ""  # answer | turn_limit | malformed | truncated | context_limit | env_error
+    done: bool = False
+
+    @property
+    def turn_spans(self) -> list[tuple[int, int]]:
+        return [(s.start, s.end) for s in self.steps]
+
+    @property
+    def generated_tokens(self) -> int:
+        return len(self.response_ids) - sum(self.obs_mask)
+
+    def to_trajectory(self) -> Trajectory:
+        """The well-formed steps as a ``Trajectory`` (for evaluation metrics and logging)."""
+        steps = [Step(turn=s.turn, observation=s.observation) for s in self.steps if s.turn is not None]
+        return Trajectory(task=self.task, steps=steps, success=self.success, score=self.score, policy="fc_rl",
+                          meta={"finish": self.finish, "format_ok": self.format_ok})
+
+
+def _parse_raw(text: str) -> ParsedTurn:
+    """raw turn format: the whole completion is the answer."""
+    act = Action("answer", text.strip())
+    return ParsedTurn(valid=True, reason=None, turn=Turn(think="", action=act), action=act)
+
+
+def play_group(engine: RolloutEngine, bridge: ChatBridge, make_env: Callable[[Task], Env], tasks: Sequence[Task],
+               group_size: int, params: SamplingParams, turn_format: TurnFormat = "foresight",
+               max_turns: int | None = None, max_context_tokens: int = 4096) -> list[Rollout]:
+    """Play ``group_size`` rollouts of every task, all episodes batched together turn by turn.
+
+    ``make_env(task)`` gives a fresh environment per rollout (environments are stateful).
+    ``bridge`` is a ``chat.ChatBridge``: prompt tokens, observation tokens, per-token span masks.
+    Returns rollouts grouped by task: rollouts[g * group_size + i] is sample i of tasks[g].
+    """
+    rollouts: list[Rollout] = []
+    envs: list[Env] = []
+    for g, task in enumerate(tasks):
+        for _ in range(group_size):
+            env = make_env(task)
+            question = env.reset(task)
+            if turn_format == "raw":
+                messages = [{"role": "user", "content": question}]
+            else:
+                messages = prompt_messages(task, foresight=turn_format == "foresight")
+            envs.append(env)
+            rollouts.append(Rollout(task=task, env=env.name, group=g, prompt_ids=bridge.prompt_ids(messages)))
+
+    limits = [1 if turn_format == "raw" else min(max_turns or env.max_turns, env.max_turns) for env in envs]
+    turn = 0
+    while live := [i for i, r in enumerate(rollouts) if not r.done]:
+        gens = engine.generate([rollouts[i].prompt_ids + rollouts[i].response_ids for i in live], params)
+        for i, gen in zip(live, gens):
+            _take_turn(rollouts[i], envs[i], gen, bridge, turn_format,
+                       last_turn=turn + 1 >= limits[i],
+                       room=max_context_tokens - params.max_new_tokens)
+        turn += 1
+    return rollouts
+
+
+def _take_turn(r: Rollout, env: Env, gen: Generation, bridge: ChatBridge, turn_format: TurnFormat, last_turn: bool, room: int) -> None:
+    """Append one generated turn to a rollout, step its action, and append the observation (or end it)."""
+    n = len(gen.token_ids)
+    text = bridge.tokenizer.decode(gen.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    if turn_format == "raw":  # the whole completion is the answer; a cut one is still scored, format_ok False
+        parsed = _parse_raw(text)
+        wm_mask, pol_mask = [0] * n, [1] * n
+    else:
+        parsed = parse_turn(text, require_wm=turn_format == "foresight")
+        ok = parsed.valid and gen.finished
+        wm_mask, pol_mask = bridge.turn_masks(gen.token_ids) if ok else ([0] * n, [0] * n)
+    step = RolloutStep(text=text, start=len(r.response_ids), end=len(r.response_ids) + n,
+                       valid=parsed.valid and gen.finished,
+                       reason=parsed.reason if not parsed.valid else (None if gen.finished else "no end-of-turn token"),
+                       confidence=parsed.confidence, keywords=parsed.keywords, action=parsed.action,
+                       turn=parsed.turn if parsed.valid else None)
+    r.steps.append(step)
+    r.response_ids += gen.token_ids
+    r.logprobs += gen.logprobs
+    r.obs_mask += [0] * n
+    r.wm_mask += wm_mask
+    r.policy_mask += pol_mask
+    if not step.valid:
+        r.format_ok = False
+        if turn_format != "raw":
+            r.done, r.finish = True, "malformed" if gen.finished else "truncated"
+            return
+    try:
+        res = env.step(parsed.action)
+    except Exception as e:  # an environment bug must not kill a long run; counted in the metrics
+        log.warning("env %s failed on %r: %s", env.name, parsed.action, e)
+        r.done, r.finish, r.info = True, "env_error", {"error": repr(e)}
+        return
+    step.observation = res.observation
+    if res.done:
+        r.done = True
+        r.finish = "answer" if parsed.action.kind == "answer" else "turn_limit"
+        if turn_format == "raw" and not gen.finished:
+            r.finish = "truncated"
+        r.success, r.score, r.info = bool(res.success), float(res.score or 0.0), dict(res.info)
+        return
+    if last_turn:
+        r.done, r.finish = True, "turn_limit"
+        return
+    obs_ids = bridge.observation_ids(res.observation or "")
+    if len(r.prompt_ids) + len(r.response_ids) + len(obs_ids) > room:
+        step.observation = None  # never shown to the model
+        r.done, r.finish = True, "context_limit"
+        return
+    r.response_ids += obs_ids
+    r.logprobs += [0.0] * len(obs_ids)
+    r.obs_mask += [1] * len(obs_ids)
+    r.wm_mask += [0] * len(obs_ids)
+    r.policy_mask += [0] * len(obs_ids)

@@ -1,0 +1,582 @@
+"""WM-AMT and FE-SFT: one causal-LM training loop, two configs.
+
+- WM-AMT (world-model agentic mid-training, stage 1), ``loss_on: all``: next-token loss on every
+  token of whole trajectories -- system prompt, question, plain turns and world-model blocks --
+  except observations (``train_on_observations: true`` includes them). General-text rows are
+  trained on whole (the guard against forgetting).
+- FE-SFT (format-eliciting SFT, stage 2), ``loss_on: assistant``: loss on assistant tokens only
+  (their content and end-of-turn token). The paper splits each trajectory into single-turn
+  samples; one multi-turn sample with an assistant-only loss trains the same targets on the same
+  prefixes in a single pass, so we keep trajectories whole.
+
+Run it alone (no Ray, no MLflow); running the same command again resumes from the latest
+checkpoint under ``--out``::
+
+    python -m foresight_core.sft --preset tiny --stage wm_amt --data corpus/wm_amt.jsonl --out runs/wm_amt
+
+Under Ray Train (``foresight_tasks.train``) the same ``train`` runs in every worker: it sees the
+process group that TorchTrainer set up, wraps the model in DDP, shards rows by rank, all-reduces
+its metrics, and hands each checkpoint folder to the ``on_checkpoint`` hook (which reports it to
+Ray). Resuming is one code path: ``resume_from`` = a checkpoint folder (the latest one under
+``--out``, or ``ray.train.get_checkpoint()``); a fresh start is ``resume_from=None``.
+
+Data rows (JSONL or Parquet; ``foresight_core.storage.read_rows``), one of:
+- a trajectory: a corpus row ``{"kind": "trajectory", "trajectory": Trajectory.to_dict(), ...}`` or a
+  bare ``Trajectory.to_dict()``;
+- chat messages: ``{"messages": [{"role": ..., "content": ...}, ...]}``;
+- general text: ``{"text": "..."}`` (all tokens are targets under ``loss_on: all``, none under ``assistant``).
+Held-out rows: those whose ``split`` is "eval" (or "val", "test"); when no row has one (corpus rows
+say which dataset they belong to, "wm_amt" / "fe_sft"), ``eval_share`` of the tasks, chosen by a
+hash of the task id (every rollout of a task, plain copies included, lands on the same side).
+
+Sections: data -> loss -> schedule -> checkpoints -> the loop -> entry point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from foresight_core.config.train import SFTConfig
+from foresight_core.models import save_model, unwrap
+from foresight_core.packing import IGNORE, LMSample, Packed, pack
+from foresight_core.tracking import NullTracker, Tracker
+
+EVAL_SPLITS = frozenset({"eval", "val", "valid", "validation", "test"})
+CHECKPOINT_FILE = "trainer_state.pt"
+
+
+# -----------------------------------------------------------------------------
+# Data: rows -> tokenised samples -> loss masks -> packed rows
+
+def _trajectory_dict(row: dict[str, Any]) -> dict[str, Any] | None:
+    """The trajectory of a row: a corpus row ``{"kind": "trajectory", "trajectory": {...}}`` or a bare one."""
+    if isinstance(row.get("trajectory"), dict):
+        return row["trajectory"]
+    return row if "steps" in row else None
+
+
+def row_sample(row: dict[str, Any], tokenizer, foresight: bool = True):
+    """One data row as a ``TokenizedSample`` (ids + assistant / observation / wm / policy masks)."""
+    from foresight_core.chat import TokenizedSample, tokenize_messages, trajectory_messages
+    from foresight_core.types import Trajectory
+
+    traj = _trajectory_dict(row)
+    if traj is not None:
+        return tokenize_messages(tokenizer, trajectory_messages(Trajectory.from_dict(traj), foresight))
+    if "messages" in row:
+        return tokenize_messages(tokenizer, list(row["messages"]))
+    if "text" in row:
+        ids = tokenizer(str(row["text"]) + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        zeros = [0] * len(ids)
+        return TokenizedSample(list(ids), list(zeros), list(zeros), list(zeros), list(zeros))
+    raise ValueError(f"a row needs 'trajectory' / 'steps', 'messages' or 'text'; it has {sorted(row)}")
+
+
+def loss_mask(sample, loss_on: str, train_on_observations: bool = False) -> list[int]:
+    """Which tokens are targets: assistant tokens (FE-SFT), or everything but observations (WM-AMT)."""
+    if loss_on == "assistant":
+        return list(sample.assistant_mask)
+    if train_on_observations:
+        return [1] * len(sample.input_ids)
+    return [1 - o for o in sample.observation_mask]
+
+
+def is_eval_row(row: dict[str, Any], index: int, eval_share: float, seed: int, any_split: bool) -> bool:
+    """Held out? By the row's ``split`` when some row says "eval", else by a hash of its task id
+    (rows without a task, general text, by their index)."""
+    if any_split:
+        return str(row.get("split", "train")).lower() in EVAL_SPLITS
+    traj = _trajectory_dict(row)
+    key = str(traj["task"]["id"]) if traj is not None and isinstance(traj.get("task"), dict) else f"row-{index}"
+    h = int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:8], 16)
+    return h < eval_share * 0x1_0000_0000
+
+
+@dataclass
+class SFTData:
+    train: Packed
+    eval: Packed | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare_data(rows: list[dict[str, Any]], tokenizer, cfg: SFTConfig, seed: int = 0,
+                 source: str = "<rows>") -> SFTData:
+    """Tokenise, mask and pack ``rows``; a bad row raises ``ValueError`` naming ``source`` and its row number."""
+    any_split = any(str(r.get("split", "")).lower() in EVAL_SPLITS for r in rows)
+    parts: dict[str, list[LMSample]] = {"train": [], "eval": []}
+    for i, row in enumerate(rows):
+        try:
+            s = row_sample(row, tokenizer, cfg.foresight)
+        except Exception as e:  # FormatError, KeyError, TypeError ...: name the row, keep the cause
+            raise ValueError(f"{source}: row {i + 1}: {type(e).__name__}: {e}") from e
+        sample = LMSample(s.input_ids, {"loss": loss_mask(s, cfg.loss_on, cfg.train_on_observations),
+                                        "wm": list(s.wm_mask)})
+        parts["eval" if is_eval_row(row, i, cfg.eval_share, seed, any_split) else "train"].append(sample)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train = pack(parts["train"], cfg.seq_len, pad, cfg.long_samples)
+    if len(train) == 0:
+        raise ValueError(f"{source}: no training row has a target under loss_on={cfg.loss_on!r} "
+                         f"({len(rows)} rows, {len(parts['eval'])} held out)")
+    held = pack(parts["eval"], cfg.seq_len, pad, cfg.long_samples) if parts["eval"] else None
+    info = {"rows": len(rows), "train_samples": len(parts["train"]), "eval_samples": len(parts["eval"]),
+            "train_rows_packed": len(train), "train_fill": round(train.stats.fill, 4),
+            "train_targets": train.stats.targets["loss"], "train_split": train.stats.split,
+            "train_truncated": train.stats.truncated, "train_dropped_empty": train.stats.empty}
+    return SFTData(train, held if held is not None and len(held) else None, info)
+
+
+def micro_batch_rows(k: int, n_rows: int, batch_size: int, rank: int, world: int, seed: int) -> list[int]:
+    """Rows of this rank's k-th micro-batch.
+
+    Each epoch is a fresh seeded permutation of the rows, cut into global batches of
+    ``batch_size * world`` rows; rank r takes the r-th slice of each. So ``world`` workers with
+    ``batch_size`` b see together exactly the rows one worker with ``b * world`` sees (DDP is then
+    the same optimisation). A few rows (< world) are left out of each epoch so every rank runs the
+    same number of micro-batches. k alone is the data position: resuming needs nothing else.
+
+    >>> micro_batch_rows(0, 5, 2, 0, 1, 0) == micro_batch_rows(0, 5, 1, 0, 2, 0) + micro_batch_rows(0, 5, 1, 1, 2, 0)
+    True
+    """
+    usable = n_rows // world * world
+    if usable == 0:
+        raise ValueError(f"{n_rows} packed rows cannot be shared by {world} workers")
+    global_batch = batch_size * world
+    per_epoch = math.ceil(usable / global_batch)
+    epoch, i = divmod(k, per_epoch)
+    perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))[:usable]
+    chunk = perm[i * global_batch:(i + 1) * global_batch]  # the last one may be short, by a multiple of world
+    share = len(chunk) // world
+    return chunk[rank * share:(rank + 1) * share].tolist()
+
+
+# -----------------------------------------------------------------------------
+# Loss: only the target positions go through the LM head, in chunks
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i W^T, y_i) with the gradients computed chunk by chunk during the forward,
+    so no (N, V) logits tensor outlives its chunk (the trick of Liger's fused linear CE)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int, dtype: torch.dtype):
+        # hidden (N, H), weight (V, H), targets (N,)
+        with torch.autocast(hidden.device.type, enabled=False):
+            h, w = hidden.to(dtype), weight.to(dtype)
+            need_w = ctx.needs_input_grad[1]
+            grad_h = torch.empty_like(hidden)
+            grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for s in range(0, h.shape[0], chunk):
+                hc, y = h[s:s + chunk], targets[s:s + chunk]
+                logits = (hc @ w.T).float()  # (c, V)
+                lse = torch.logsumexp(logits, dim=-1)  # (c,)
+                total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                probs[torch.arange(len(y), device=y.device), y] -= 1.0  # dCE/dlogits
+                g = probs.to(dtype)
+                grad_h[s:s + chunk] = g @ w  # (c, H)
+                if need_w:
+                    grad_w += (g.T @ hc).float()  # (V, H)
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_h, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gw = None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype)
+        return grad_h * grad_out, gw, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk: int = 1024, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Summed cross-entropy of ``hidden @ weight.T`` against ``targets``, matmuls in ``dtype``, softmax in fp32."""
+    if hidden.shape[0] == 0:
+        return hidden.sum() * 0.0 + weight.sum() * 0.0  # keeps the graph (and DDP's hooks) connected
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, dtype)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for s in range(0, hidden.shape[0], chunk):
+        logits = (hidden[s:s + chunk].to(dtype) @ weight.to(dtype).T).float()
+        total += F.cross_entropy(logits, targets[s:s + chunk], reduction="sum")
+    return total
+
+
+class CausalLMLoss(nn.Module):
+    """A causal LM that returns summed next-token losses of packed rows, one per label row.
+
+    The decoder runs on the packed rows (position ids restart per sample; no attention mask, so
+    transformers builds the block-diagonal causal mask); then only target positions go through
+    the LM head (``linear_cross_entropy``). Wrap *this* module in DDP, so its forward is what DDP
+    sees. Models with logit soft-capping or scaling (Gemma 2, Cohere) are refused: their logits are
+    not a plain ``lm_head`` projection.
+    """
+
+    def __init__(self, model: nn.Module, chunk: int = 1024, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.model = model
+        self.chunk, self.dtype = chunk, dtype
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+        cfg = base.config
+        for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+            if getattr(cfg, attr, None) not in (None, 1.0):
+                raise ValueError(f"{type(base).__name__} has {attr}={getattr(cfg, attr)}: its logits are not "
+                                 "lm_head(hidden), which the fused loss assumes")
+        self.decoder, self.lm_head = base.get_decoder(), base.get_output_embeddings()
+        if getattr(self.lm_head, "bias", None) is not None:
+            raise ValueError("an LM head with a bias is not supported by the fused loss")
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                labels: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # input_ids, position_ids, labels[*]: (B, T)
+        hidden = self.decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        out = {}
+        for name, lab in labels.items():
+            sel = lab != IGNORE  # (B, T)
+            out[name] = linear_cross_entropy(hidden[sel], self.lm_head.weight, lab[sel], self.chunk, self.dtype)
+        return out  # name -> summed NLL over that row's targets
+
+
+# -----------------------------------------------------------------------------
+# Schedule: linear warm-up, then cosine to min_lr_ratio
+
+def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr at optimiser step ``step`` (0-based).
+
+    >>> lr_factor(0, 4, 10, 0.1), lr_factor(3, 4, 10, 0.1), lr_factor(10, 4, 10, 0.1)
+    (0.25, 1.0, 0.1)
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: trainable weights, optimiser, schedule, data position, every rank's RNG
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train (all of them, or the LoRA adapters): what a checkpoint must hold."""
+    return {n: p.detach() for n, p in unwrap(model).named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, state: dict[str, Any]) -> Path:
+    """Write ``path/trainer_state.pt`` through a temporary folder and a rename (never half a checkpoint)."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save({"model": trainable_state(model), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), **state}, tmp / CHECKPOINT_FILE)
+    (tmp / "meta.json").write_text(json.dumps({k: state[k] for k in ("step", "micro_step", "metrics")}, indent=2))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, scheduler) -> dict[str, Any]:
+    """Restore weights, optimiser and schedule in place; returns the rest (step, micro_step, rng, metrics)."""
+    file = Path(path) / CHECKPOINT_FILE
+    if not file.exists():
+        raise FileNotFoundError(f"{path} is not a training checkpoint (no {CHECKPOINT_FILE})")
+    ckpt = torch.load(file, map_location="cpu", weights_only=False)
+    expected = set(trainable_state(model))
+    if set(ckpt["model"]) != expected:
+        missing, extra = sorted(expected - set(ckpt["model"])), sorted(set(ckpt["model"]) - expected)
+        raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    unwrap(model).load_state_dict(ckpt["model"], strict=False)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    return ckpt
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The newest complete ``step_*`` checkpoint folder under ``root``, or None."""
+    root = Path(root)
+    done = [p for p in root.glob("step_*") if (p / CHECKPOINT_FILE).exists() and not p.name.endswith(".tmp")]
+    return max(done, key=lambda p: int(p.name.split("_")[1])) if done else None
+
+
+# -----------------------------------------------------------------------------
+# The loop
+
+@dataclass
+class SFTResult:
+    step: int
+    """Optimiser steps done (max_steps unless stopped)."""
+    metrics: dict[str, float]
+    """The last value of every metric (loss, eval_loss, eval_wm_loss, ...)."""
+    history: list[dict[str, float]]
+    """Every logged metrics dict, in order (rank 0)."""
+    model_dir: Path | None
+    """The final model in Hugging Face format (rank 0; None on other ranks)."""
+    train_tokens: int = 0
+    """Real (non-pad) tokens trained on in this run, all workers."""
+    train_seconds: float = 0.0
+    """Wall time of the optimiser steps in this run (evaluation and checkpoints excluded)."""
+    train_cpu_seconds: float = 0.0
+    """CPU time (all threads of this process) of those steps: robust to other load on the machine."""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.train_tokens / self.train_seconds if self.train_seconds else 0.0
+
+
+OnCheckpoint = Callable[[Path | None, dict[str, float]], None]
+
+
+def _all_reduce(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def evaluate(loss_fn: CausalLMLoss, data: Packed, cfg: SFTConfig, rank: int, world: int,
+             device, dtype) -> dict[str, float]:
+    """Held-out mean NLL per target token: ``eval_loss`` (the stage's targets) and ``eval_wm_loss``
+    (world-model-span tokens only: imaginary, keyword, analysis, confidence)."""
+    was_training = loss_fn.training
+    loss_fn.eval()
+    n = len(data) if cfg.max_eval_rows is None else min(len(data), cfg.max_eval_rows)
+    mine = list(range(rank, n, world))
+    sums = [0.0, 0.0, 0.0, 0.0]  # loss sum, loss count, wm sum, wm count
+    for i in range(0, len(mine), cfg.batch_size):
+        b = {k: v.to(device) for k, v in data.batch(mine[i:i + cfg.batch_size]).items()}
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = loss_fn(b["input_ids"], b["position_ids"], {"loss": b["labels"], "wm": b["labels_wm"]})
+        sums[0] += out["loss"].item()
+        sums[1] += (b["labels"] != IGNORE).sum().item()
+        sums[2] += out["wm"].item()
+        sums[3] += (b["labels_wm"] != IGNORE).sum().item()
+    ls, lc, ws, wc = _all_reduce(sums, device)
+    loss_fn.train(was_training)
+    metrics = {"eval_loss": ls / lc} if lc else {}
+    if wc:
+        metrics["eval_wm_loss"] = ws / wc
+    return metrics
+
+
+def train(model: nn.Module, tokenizer, data: SFTData, cfg: SFTConfig, out_dir: str | os.PathLike, *,
+          seed: int = 0, dtype: torch.dtype = torch.bfloat16, tracker: Tracker | None = None,
+          on_checkpoint: OnCheckpoint | None = None, resume_from: str | os.PathLike | None = None,
+          verbose: bool = True) -> SFTResult:
+    """Train ``model`` on ``data.train`` for ``cfg.max_steps`` optimiser steps; see the module docstring.
+
+    ``out_dir`` gets ``checkpoints/step_N`` (rank 0) and the final HF model in ``model/``.
+    ``on_checkpoint(path or None, metrics)`` is called on every rank after each checkpoint
+    (the path on rank 0). ``resume_from``: a checkpoint folder to continue from.
+    """
+    tracker = tracker or NullTracker()
+    out_dir = Path(out_dir)
+
+    # ---- distributed: a process group exists under Ray Train / torchrun; else one process
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = next(model.parameters()).device
+    master = rank == 0
+    say = print if (verbose and master) else (lambda *a, **k: None)
+
+    # ---- model, optimiser, schedule
+    if cfg.activation_checkpointing:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.24 name
+            base.activation_checkpointing_enable()
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    loss_fn = CausalLMLoss(model, cfg.loss_chunk, dtype)
+    if distributed:
+        ddp = nn.parallel.DistributedDataParallel(loss_fn, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        ddp = loss_fn
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]  # matrices decay; norms and biases do not
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+
+    # ---- resume: the same objects, filled from the checkpoint
+    step, micro_step = 0, 0
+    history: list[dict[str, float]] = []
+    last: dict[str, float] = {}  # the latest value of every metric
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from, model, optimizer, scheduler)
+        step, micro_step, last = ckpt["step"], ckpt["micro_step"], dict(ckpt["metrics"])
+        if ckpt.get("world_size", world) != world:
+            say(f"resuming a {ckpt['world_size']}-worker run on {world}: the data order changes from here")
+        _set_rng_state(ckpt["rng"][rank] if len(ckpt["rng"]) == world else ckpt["rng"][0])
+        say(f"resumed from {resume_from} at step {step}")
+    else:
+        torch.manual_seed(seed + rank)
+        random.seed(seed + rank)
+
+    def log(metrics: dict[str, float], at: int) -> None:
+        if master:
+            tracker.log_metrics(metrics, step=at)
+            history.append({"step": at, **metrics})
+
+    def checkpoint(metrics: dict[str, float]) -> None:
+        rng = [None] * world
+        if distributed:
+            dist.all_gather_object(rng, _rng_state())
+        else:
+            rng = [_rng_state()]
+        path = None
+        if master:
+            path = save_checkpoint(out_dir / "checkpoints" / f"step_{step:06d}", model, optimizer, scheduler,
+                                   {"step": step, "micro_step": micro_step, "rng": rng, "world_size": world,
+                                    "seed": seed, "metrics": metrics, "config": cfg.model_dump(mode="json")})
+        if on_checkpoint is not None:
+            on_checkpoint(path, {"step": step, **metrics})
+        if master:  # keep the newest few locally
+            old = sorted((out_dir / "checkpoints").glob("step_*"), key=lambda p: p.name)[:-cfg.keep_checkpoints]
+            for p in old:
+                shutil.rmtree(p, ignore_errors=True)
+
+    n_rows = len(data.train)
+    say(f"sft: {n_rows} packed rows of {cfg.seq_len} tokens ({data.train.stats.fill:.0%} full), "
+        f"{world} worker(s) x {cfg.batch_size} rows x {cfg.grad_accum} accum, {cfg.max_steps} steps")
+
+    # ---- evaluation before training: the baseline the stage must beat
+    if data.eval is not None and cfg.eval_at_start and resume_from is None:
+        last.update(evaluate(loss_fn, data.eval, cfg, rank, world, device, dtype))
+        log({k: v for k, v in last.items() if k.startswith("eval")}, 0)
+        say(f"step 0 | " + " | ".join(f"{k} {v:.4f}" for k, v in last.items()))
+
+    # ---- training
+    train_tokens, train_seconds, train_cpu_seconds = 0, 0.0, 0.0
+    while step < cfg.max_steps:
+        t0, c0 = time.perf_counter(), time.process_time()
+        batches = [data.train.batch(micro_batch_rows(micro_step + a, n_rows, cfg.batch_size, rank, world, seed))
+                   for a in range(cfg.grad_accum)]
+        # normalise by the step's target count over all micro-batches and ranks: every target weighs the same
+        local_targets = sum(int((b["labels"] != IGNORE).sum()) for b in batches)
+        tokens = sum(int(b["n_real"].sum()) for b in batches)
+        n_targets, tokens_total = _all_reduce([float(local_targets), float(tokens)], device)
+        loss_sum = 0.0
+        for a, b in enumerate(batches):
+            b = {k: v.to(device) for k, v in b.items()}
+            sync = a == cfg.grad_accum - 1
+            with ddp.no_sync() if (distributed and not sync) else nullcontext():
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    nll = ddp(b["input_ids"], b["position_ids"], {"loss": b["labels"]})["loss"]  # scalar sum
+                # DDP averages gradients over ranks, so scale by world to get sum / n_targets overall
+                (nll * (world / max(n_targets, 1.0))).backward()
+            loss_sum += nll.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+        lr = scheduler.get_last_lr()[0]  # the lr of this step
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        micro_step += cfg.grad_accum
+        step += 1
+        dt = time.perf_counter() - t0
+        train_cpu_seconds += time.process_time() - c0
+        (loss_total,) = _all_reduce([loss_sum], device)
+        train_tokens += int(tokens_total)
+        train_seconds += dt
+        metrics = {"loss": loss_total / max(n_targets, 1.0), "lr": lr,
+                   "grad_norm": grad_norm, "tokens_per_s": tokens_total / dt,
+                   "epoch": micro_step / math.ceil(n_rows // world * world / (cfg.batch_size * world))}
+        if data.eval is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            metrics.update(evaluate(loss_fn, data.eval, cfg, rank, world, device, dtype))
+        log(metrics, step)
+        last.update(metrics)
+        say(f"step {step}/{cfg.max_steps} | " + " | ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            checkpoint(dict(last))
+
+    # ---- the final model, in Hugging Face format
+    model_dir = None
+    if master:
+        model_dir = save_model(model, tokenizer, out_dir / "model")
+    if distributed:
+        dist.barrier()
+    return SFTResult(step=step, metrics=last, history=history, model_dir=model_dir,
+                     train_tokens=train_tokens, train_seconds=train_seconds, train_cpu_seconds=train_cpu_seconds)
+
+
+# -----------------------------------------------------------------------------
+# Entry point: rows + model from config, then train (the CLI, the Ray worker, the benchmark)
+
+def run_sft(cfg, stage: str, data_uri: str, out_dir: str | os.PathLike, *, init_model: str | None = None,
+            tracker: Tracker | None = None, on_checkpoint: OnCheckpoint | None = None,
+            resume_from: str | os.PathLike | None = None, verbose: bool = True) -> SFTResult:
+    """Stage ``stage`` ("wm_amt" | "fe_sft") of the ``PipelineConfig`` ``cfg`` on the rows at ``data_uri``.
+
+    ``init_model``: an HF folder to start from (the previous stage's output); None: ``cfg.model``.
+    """
+    from foresight_core.models import compute_dtype, load_model
+    from foresight_core.storage import read_rows
+
+    stage_cfg: SFTConfig = getattr(cfg, stage)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    use_cuda = stage_cfg.scaling.use_gpu and torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+    model_cfg = cfg.model if init_model is None else \
+        cfg.model.model_copy(update={"source": "hf", "name_or_path": str(init_model)})
+    model, tokenizer = load_model(model_cfg, str(device), seed=cfg.seed)
+    data = prepare_data(read_rows(data_uri, storage=cfg.infra.storage), tokenizer, stage_cfg,
+                        seed=cfg.seed, source=data_uri)
+    if tracker is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+        tracker.log_params({f"data.{k}": v for k, v in data.info.items()})
+    return train(model, tokenizer, data, stage_cfg, out_dir, seed=cfg.seed, dtype=compute_dtype(model_cfg, str(device)),
+                 tracker=tracker, on_checkpoint=on_checkpoint, resume_from=resume_from, verbose=verbose)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from foresight_core.config.load import load_config
+
+    p = argparse.ArgumentParser(description="WM-AMT / FE-SFT without Ray or MLflow (resumes from --out)")
+    p.add_argument("--preset", default=None)
+    p.add_argument("--config", default=None)
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--stage", choices=["wm_amt", "fe_sft"], required=True)
+    p.add_argument("--data", required=True, help="JSONL / Parquet rows (local path or s3://)")
+    p.add_argument("--out", required=True, help="output folder: checkpoints/ and model/")
+    p.add_argument("--init-model", default=None, help="HF folder to start from (default: the config's model)")
+    args = p.parse_args(argv)
+    cfg = load_config(args.preset, args.config, args.overrides)
+    result = run_sft(cfg, args.stage, args.data, args.out, init_model=args.init_model,
+                     resume_from=latest_checkpoint(Path(args.out) / "checkpoints"))
+    print(json.dumps({"model_dir": str(result.model_dir), "step": result.step,
+                      "tokens_per_s": round(result.tokens_per_s, 1), **result.metrics}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

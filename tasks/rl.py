@@ -1,0 +1,205 @@
+"""FC-RL as a Ray Train job recorded in MLflow: the adapter around ``foresight_core.fc_rl``.
+
+    from foresight_tasks.rl import run_fc_rl_stage
+    rl = run_fc_rl_stage(cfg, init_model_uri=fe["model_uri"], task_set_uri=corpus_uri, parent_run_id=...)
+    rl["model_uri"]     # "runs:/<run id>/model"; rl["metrics"] holds the held-out evaluation before / after
+
+What one call does (the same shape as ``foresight_tasks.train.run_sft_stage``):
+1. Resolves its inputs: the RL task set (``rl_tasks``) and the held-out ``eval/*`` task sets of the
+   corpus folder, by its manifest; the starting model (the FE-SFT run's ``runs:/`` URI or an HF folder;
+   None: the config's base model).
+2. Stage key (fc_rl config, model config, seed, task-set sha256, starting model): a FINISHED MLflow run
+   with that key is returned as it is; a RUNNING / FAILED one is continued; else a new run nested
+   under ``parent_run_id``.
+3. Runs ``foresight_core.fc_rl.train_fc_rl`` in every worker of a ``TorchTrainer`` (DDP over gloo on
+   CPU, NCCL on GPUs). Each checkpoint the loop writes is reported with ``ray.train.report``; a worker
+   that starts again (a Ray retry, or the same stage started again) gets the latest from
+   ``ray.train.get_checkpoint()`` and resumes. With ``fc_rl.engine: vllm`` every worker runs a
+   colocated vLLM engine on its GPU that gets the new weights after each step (``vllm_engine.sync_weights``).
+4. Rank 0 logs per-step metrics, sample-rollout tables and the held-out evaluation to the MLflow run,
+   and at the end the model in Hugging Face format as the run's ``model`` artifact.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from foresight_core.config import PipelineConfig
+from foresight_core.storage import join_uri, load_manifest, read_rows
+from foresight_tasks.runtime import init_ray, setup_env
+from foresight_tasks.tracking import MlflowTracker, find_runs, stage_params, start_run, tracking_uri
+from foresight_tasks.train import MALLOC_TUNABLES, MODEL_ARTIFACT, StageInputError, local_model_dir, \
+    ray_storage, resolve_dataset, stage_key
+
+STAGE = "fc_rl"
+
+
+def eval_task_uris(task_set_uri: str, cfg: PipelineConfig) -> list[str]:
+    """The corpus's held-out task sets (``eval/<benchmark>`` datasets), by its manifest."""
+    manifest = load_manifest(task_set_uri, cfg.infra.storage)
+    if manifest is None:
+        return []
+    return [join_uri(task_set_uri, d["file"]) for name, d in sorted(manifest.get("datasets", {}).items())
+            if name.startswith("eval/")]
+
+
+def load_tasks(uri: str, cfg: PipelineConfig) -> list[Any]:
+    from foresight_core.types import Task
+    tasks = []
+    for i, row in enumerate(read_rows(uri, cfg.infra.storage)):
+        try:
+            tasks.append(Task.from_dict(row))
+        except (KeyError, TypeError, ValueError) as e:
+            raise StageInputError(f"{uri}: row {i + 1} is not a task ({e!r})") from e
+    return tasks
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker: one per Ray Train rank
+
+def _rl_worker(config: dict[str, Any]) -> None:
+    """Runs in each TorchTrainer worker (the process group is already set up by Ray)."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from foresight_core.envs import env_for_task
+    from foresight_core.fc_rl import train_fc_rl
+    from foresight_core.models import compute_dtype, load_model, save_model
+
+    cfg: PipelineConfig = config["cfg"]
+    rl = cfg.fc_rl
+    rank = ray.train.get_context().get_world_rank()
+    torch.set_num_threads(cfg.num_threads or rl.scaling.cpus_per_worker)
+    device = ray.train.torch.get_device()
+    tracker = MlflowTracker(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    work = Path(tempfile.mkdtemp(prefix=f"foresight-fc_rl-rank{rank}-"))
+    try:
+        model_cfg = cfg.model
+        if config["init_model_uri"]:
+            init_dir = local_model_dir(config["init_model_uri"], config["tracking_uri"], work / "init")
+            model_cfg = cfg.model.model_copy(update={"source": "hf", "name_or_path": init_dir})
+        model, tokenizer = load_model(model_cfg, str(device), seed=cfg.seed)
+        engine = None
+        if rl.engine == "vllm":
+            from foresight_core.vllm_engine import VLLMEngine
+            init_path = model_cfg.name_or_path or str(save_model(model, tokenizer, work / "init_hf"))
+            engine = VLLMEngine(init_path, gpu_memory_utilization=rl.vllm_gpu_memory_utilization,
+                                max_model_len=rl.max_context_tokens, seed=cfg.seed + rank)
+
+        ckpt_dir = work / "ckpt"
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                shutil.copytree(d, ckpt_dir)
+
+        def report(path: Path, step: int, metrics: dict[str, float]) -> None:
+            ckpt = ray.train.Checkpoint.from_directory(str(path)) if rank == 0 else None
+            ray.train.report({"step": step, **metrics}, checkpoint=ckpt, checkpoint_dir_name=f"step_{step:06d}")
+
+        result = train_fc_rl(rl, model, tokenizer, config["train_tasks"], lambda t: env_for_task(t, cfg.envs),
+                             seed=cfg.seed, eval_tasks=config["eval_tasks"], engine=engine, tracker=tracker,
+                             checkpoint_dir=ckpt_dir, device=device,
+                             autocast_dtype=compute_dtype(model_cfg, str(device)), on_checkpoint=report)
+        if rank == 0:
+            tracker.log_artifacts(str(save_model(model, tokenizer, work / "model")), MODEL_ARTIFACT)
+            tracker.log_metrics({f"eval_before/{k}": v for k, v in result.eval_before.items()}, step=0)
+            tracker.log_metrics({f"eval_after/{k}": v for k, v in result.eval_after.items()}, step=result.steps)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+def _find_run(cfg: PipelineConfig, key: str, status: str) -> Any | None:
+    runs = find_runs(cfg, STAGE, tags={"foresight.run_key": key}, status=status, max_results=1)
+    return runs[0] if runs else None
+
+
+def _reference(run_id: str, key: str, tags: dict[str, str], metrics: dict[str, float],
+               reused: bool) -> dict[str, Any]:
+    return {"stage": STAGE, "run_id": run_id, "run_key": key, "model_uri": f"runs:/{run_id}/{MODEL_ARTIFACT}",
+            "checkpoint": tags.get("foresight.output.checkpoint"), "metrics": metrics, "reused": reused}
+
+
+def run_fc_rl_stage(cfg: PipelineConfig, init_model_uri: str | None, task_set_uri: str,
+                    parent_run_id: str | None = None) -> dict[str, Any]:
+    """Run (or reuse, or resume) FC-RL; returns ``{"stage", "run_id", "run_key", "model_uri", "checkpoint",
+    "metrics", "reused"}`` (``metrics``: the MLflow run's latest values, the held-out evaluation included)."""
+    rl = cfg.fc_rl
+    if not rl.enabled:
+        return {"stage": STAGE, "run_id": None, "run_key": None, "model_uri": init_model_uri, "checkpoint": None,
+                "metrics": {}, "reused": False, "skipped": True}
+    setup_env(cfg)
+
+    # ---- inputs and the stage key
+    data_uri, data_sha, manifest_uri = resolve_dataset("rl_tasks", task_set_uri, cfg)
+    key = stage_key(STAGE, cfg, data_sha, init_model_uri)
+    uri = tracking_uri(cfg)
+    done = _find_run(cfg, key, "FINISHED")
+    if done is not None:
+        return _reference(done.info.run_id, key, done.data.tags, done.data.metrics, reused=True)
+    train_tasks = load_tasks(data_uri, cfg)
+    if not train_tasks:
+        raise StageInputError(f"{data_uri}: the RL task set is empty")
+    eval_tasks = [t for u in eval_task_uris(task_set_uri, cfg) for t in load_tasks(u, cfg)]
+    # an even spread over the held-out sets (search and maths alike), n_eval_tasks in all
+    eval_tasks = eval_tasks[::max(1, len(eval_tasks) // max(1, rl.n_eval_tasks))][:rl.n_eval_tasks]
+
+    # ---- the MLflow run: continue an unfinished one with this key, else a new nested run
+    unfinished = _find_run(cfg, key, "RUNNING") or _find_run(cfg, key, "FAILED")
+    input_tags = {"foresight.run_key": key, "foresight.input.dataset": data_uri,
+                  "foresight.input.dataset_sha256": data_sha, "foresight.input.corpus_manifest": manifest_uri or "",
+                  "foresight.input.init_model": init_model_uri or f"base:{cfg.model.source}"}
+    if init_model_uri and init_model_uri.startswith("runs:/"):
+        input_tags["foresight.input.init_run_id"] = init_model_uri.split("/")[1]
+    if unfinished is not None:
+        tracker = MlflowTracker(uri, unfinished.info.run_id)
+        tracker.client.update_run(tracker.run_id, status="RUNNING")
+    else:
+        tracker = start_run(cfg, f"{STAGE}-{key[:8]}", STAGE, parent_run_id, tags=input_tags)
+        tracker.log_params(stage_params(cfg, STAGE, "model", "seed"))
+        tracker.log_dataset(data_uri, name="rl_tasks", digest=data_sha, context=STAGE, n_rows=len(train_tasks))
+
+    # ---- the Ray Train job
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    init_ray(cfg.infra.ray)
+    scaling = rl.scaling
+    if scaling.strategy == "fsdp":
+        raise NotImplementedError("fc_rl.scaling.strategy 'fsdp' is not implemented yet; use 'ddp'")
+    env_vars = {"OMP_NUM_THREADS": str(cfg.num_threads or scaling.cpus_per_worker)}
+    if scaling.malloc_tuning:
+        env_vars["GLIBC_TUNABLES"] = MALLOC_TUNABLES
+    storage_path, storage_fs = ray_storage(cfg)
+    trainer = TorchTrainer(
+        _rl_worker,
+        train_loop_config={"cfg": cfg, "init_model_uri": init_model_uri, "train_tasks": train_tasks,
+                           "eval_tasks": eval_tasks, "tracking_uri": uri, "run_id": tracker.run_id},
+        scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                               resources_per_worker={"CPU": scaling.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=f"{cfg.name}-{STAGE}-{key}", storage_path=storage_path, storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=rl.keep_checkpoints),
+            worker_runtime_env={"env_vars": env_vars}),
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    checkpoint_path = result.checkpoint.path if result.checkpoint is not None else ""
+    if storage_fs is not None and checkpoint_path:
+        checkpoint_path = join_uri(cfg.work_dir.split("://")[0] + "://", checkpoint_path)
+    output_tags = {"foresight.output.model_uri": f"runs:/{tracker.run_id}/{MODEL_ARTIFACT}",
+                   "foresight.output.checkpoint": checkpoint_path, "foresight.ray_run": result.path}
+    tracker.set_tags(output_tags)
+    tracker.finish("FINISHED")
+    metrics = tracker.client.get_run(tracker.run_id).data.metrics
+    return _reference(tracker.run_id, key, output_tags, metrics, reused=False)

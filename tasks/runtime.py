@@ -1,0 +1,153 @@
+"""Where the pipeline runs: process environment, Ray (local or a cluster) and Ray Data maps.
+
+    from foresight_tasks.runtime import setup_env, init_ray, ray_map
+    setup_env(cfg)                    # BEFORE prefect is imported: PREFECT_HOME, server URL, telemetry off
+    init_ray(cfg.infra.ray)           # local Ray on 127.0.0.1 with a capped object store, or RAY_ADDRESS
+    rows = ray_map(items, fn, num_blocks=8)   # fn(list[item]) -> list[row], run as a Ray Data job
+
+The embedded default needs nothing started by hand: Prefect's ephemeral server with its
+database under the work dir, a local Ray bound to 127.0.0.1 with no dashboard, MLflow on a
+sqlite file (``foresight_tasks.tracking``). Config (or the standard environment variables
+``RAY_ADDRESS``, ``PREFECT_API_URL``, ``MLFLOW_TRACKING_URI``, ``AWS_*``) points the same code at
+servers. Settings a user already exported always win over the defaults set here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator, MutableMapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from foresight_core.config import PipelineConfig, RayConfig
+
+
+def is_local_uri(uri: str) -> bool:
+    """True for a plain path or ``file://`` URI, False for ``s3://`` and other remote stores."""
+    return "://" not in uri or uri.startswith("file://")
+
+
+def local_path(uri: str) -> Path:
+    """Absolute local path of a plain path or ``file://`` URI."""
+    return Path(uri.removeprefix("file://")).expanduser().resolve()
+
+
+# A local Ray on 127.0.0.1 only. Ray turns a node address of 127.0.0.1 into this machine's external
+# one unless it runs single-node (its macOS / Windows mode), where every Ray server binds to
+# 127.0.0.1; Ray reads the switch when it is imported. Loopback needs no token (a cluster keeps
+# whatever auth it was given).
+LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+def setup_env(cfg: PipelineConfig, environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:
+    """Set the process environment the orchestration layer reads; returns what it set.
+
+    Prefect reads its settings when it is imported, so call this first. Only variables that
+    are unset get a default, except ``PREFECT_API_URL``, which the config (already resolved
+    with its environment override) decides.
+    """
+    defaults: dict[str, str] = {
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # the ephemeral server starts in ~7 s on an idle 2-core machine; give a loaded one room
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    if cfg.infra.prefect.api_url:
+        environ["PREFECT_API_URL"] = cfg.infra.prefect.api_url
+    elif is_local_uri(cfg.work_dir):
+        # the ephemeral server's database lives with the rest of this config's outputs
+        defaults["PREFECT_HOME"] = str(local_path(cfg.work_dir) / "prefect")
+    if not cfg.infra.ray.address:
+        defaults.update(LOCAL_RAY_ENV)
+    set_now = {k: v for k, v in defaults.items() if not environ.get(k)}
+    environ.update(set_now)
+    if "PREFECT_HOME" in set_now:
+        Path(set_now["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect makes only the last level
+    if cfg.infra.prefect.api_url:
+        set_now["PREFECT_API_URL"] = cfg.infra.prefect.api_url
+    return set_now
+
+
+def init_ray(ray_cfg: RayConfig) -> str:
+    """Connect to the configured Ray cluster, or start a local Ray bound to 127.0.0.1.
+
+    Returns the address in use ("local" for a local Ray). A Ray already initialised in this
+    process (a test fixture, a notebook) is used as it is.
+    """
+    if not ray_cfg.address:
+        for k, v in LOCAL_RAY_ENV.items():
+            os.environ.setdefault(k, v)  # before Ray is imported (see LOCAL_RAY_ENV)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if ray.is_initialized():
+        return "existing"
+    if ray_cfg.address:
+        # a cluster: its workers must have this package installed (deployments/Dockerfile does that)
+        ray.init(address=ray_cfg.address, log_to_driver=False, configure_logging=False)
+        return ray_cfg.address
+    ray.init(
+        num_cpus=ray_cfg.num_cpus,
+        object_store_memory=ray_cfg.object_store_memory_mb * 1024 * 1024,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    return "local"
+
+
+def ray_map(items: list[dict[str, Any]], fn: Callable[[list[dict[str, Any]]], list[dict[str, Any]]],
+            num_blocks: int, progress: bool = True, description: str = "collect") -> list[dict[str, Any]]:
+    """``fn`` over ``items`` as a Ray Data job; the rows come back in the items' order.
+
+    Items are split into ``num_blocks`` blocks and each block is one ``map_batches`` call
+    (``batch_size=None``), so ``fn`` sees whole blocks and parallelism equals the block count.
+    Rows are nested dicts of any shape, which Arrow cannot always type (lists that are empty
+    in one row and hold dicts in the next, ``meta`` that differs by environment), so items and
+    rows cross Ray Data as JSON text: one output row per block, holding its rows as one JSON
+    list and the index of its first item (Ray Data does not keep order by default, the index does).
+    """
+    import ray.data
+
+    if not items:
+        return []
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the rich bar below shows progress in items
+    ctx.print_on_execution_start = False
+    encoded = [{"index": i, "item": json.dumps(it)} for i, it in enumerate(items)]
+
+    def run_block(batch: dict[str, Any]) -> dict[str, list[Any]]:
+        block_items = [json.loads(s) for s in batch["item"]]
+        return {"start": [int(batch["index"][0])], "n_items": [len(block_items)],
+                "rows": [json.dumps(fn(block_items))]}
+
+    ds = ray.data.from_items(encoded, override_num_blocks=min(num_blocks, len(items)))
+    ds = ds.map_batches(run_block, batch_format="numpy", batch_size=None)
+    blocks: list[tuple[int, list[dict[str, Any]]]] = []
+    data_log = logging.getLogger("ray.data")
+    level = data_log.level
+    data_log.setLevel(logging.ERROR)  # "progress bars disabled" and per-dataset chatter: the bar says it
+    try:
+        with _progress(progress, description, total=len(items)) as advance:
+            for out in ds.iter_rows():
+                blocks.append((int(out["start"]), json.loads(out["rows"])))
+                advance(int(out["n_items"]))
+    finally:
+        data_log.setLevel(level)
+    return [row for _, rows in sorted(blocks, key=lambda b: b[0]) for row in rows]
+
+
+@contextmanager
+def _progress(show: bool, description: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar counted in items (or nothing): ``with _progress(...) as advance``."""
+    if not show:
+        yield lambda n: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
+        task_id = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task_id, n)

@@ -1,0 +1,258 @@
+"""WM-AMT and FE-SFT as Ray Train jobs recorded in MLflow: the adapter around ``foresight_core.sft``.
+
+    from foresight_tasks.train import run_sft_stage
+    wm = run_sft_stage("wm_amt", cfg, corpus_uri, parent_run_id=pipeline_run.run_id)
+    fe = run_sft_stage("fe_sft", cfg, corpus_uri, init_model_uri=wm["model_uri"], parent_run_id=...)
+    fe["model_uri"]     # "runs:/<run id>/model": the next stage's input, by reference
+
+What one call does:
+1. Resolves its inputs: the stage's dataset in the corpus folder (by its ``manifest.json``, never
+   a guessed name) and the starting model (an MLflow ``runs:/`` URI, or an HF folder; None: the
+   config's base model).
+2. Computes the stage key (stage config, model config, seed, dataset sha256, starting model) and
+   looks in MLflow for a run with that key: FINISHED -> its reference is returned and nothing
+   runs (a completed stage is reused); RUNNING / FAILED (the process died, or Ray gave up) -> that
+   run is continued; none -> a new run nested under ``parent_run_id``.
+3. Runs ``foresight_core.sft.run_sft`` in every worker of a ``TorchTrainer``: ``ScalingConfig``
+   from ``<stage>.scaling`` (DDP over gloo on CPU, NCCL on GPUs); ``RunConfig`` named after the
+   stage key, storing checkpoints under ``<work_dir>/ray`` (local path or ``s3://``, through
+   fsspec); ``FailureConfig(max_failures)``; ``CheckpointConfig(num_to_keep=keep_checkpoints)``.
+   Every checkpoint the loop writes is reported with ``ray.train.report``; a worker that starts
+   again (a Ray retry, or the same stage started again with the same storage) gets the latest one
+   from ``ray.train.get_checkpoint()`` and resumes through the loop's one code path.
+4. Rank 0 logs per-step metrics (loss, lr, tokens/s, grad norm, eval losses) to the MLflow run
+   from inside the loop (an explicit ``MlflowClient``, no Tune callback) and, at the end, the
+   final model in Hugging Face format as the run's ``model`` artifact.
+5. Tags link inputs to outputs: ``foresight.input.*`` (corpus manifest, dataset and its sha256,
+   starting model, its run) and ``foresight.output.*`` (model URI, Ray checkpoint).
+
+Workers get ``GLIBC_TUNABLES`` (no mmap, no trim) when ``scaling.malloc_tuning`` is on: glibc then
+keeps freed activation memory instead of returning it to the OS every step (~1.5x bf16 throughput
+measured on a 2-core CPU; see ``benchmarks/sft_throughput.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from foresight_core.config import PipelineConfig
+from foresight_core.storage import join_uri, load_manifest, sha256_file
+from foresight_tasks.runtime import init_ray, is_local_uri, local_path, setup_env
+from foresight_tasks.tracking import MlflowTracker, find_runs, stage_params, start_run, tracking_uri
+
+SFT_STAGES = ("wm_amt", "fe_sft")
+MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=100000000000"
+MODEL_ARTIFACT = "model"
+
+
+class StageInputError(ValueError):
+    """A stage input that cannot be used (no such dataset in the corpus, an unreadable model URI)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+def resolve_dataset(stage: str, corpus_uri: str, cfg: PipelineConfig) -> tuple[str, str, str | None]:
+    """``(dataset uri, sha256, manifest uri or None)``: a corpus folder is read through its manifest;
+    a ``.jsonl`` / ``.parquet`` file is used as it is."""
+    storage = cfg.infra.storage
+    if corpus_uri.endswith((".jsonl", ".jsonl.gz", ".parquet")):
+        return corpus_uri, sha256_file(corpus_uri, storage), None
+    manifest = load_manifest(corpus_uri, storage)
+    if manifest is None:
+        raise StageInputError(f"{corpus_uri}: not a complete corpus folder (no manifest.json, or a file's "
+                              "hash differs); build the corpus first")
+    entry = manifest.get("datasets", {}).get(stage)
+    if entry is None:
+        raise StageInputError(f"{corpus_uri}: the corpus has no {stage!r} dataset; it has "
+                              f"{sorted(manifest.get('datasets', {}))}")
+    name = entry["file"]
+    return join_uri(corpus_uri, name), manifest["files"][name]["sha256"], join_uri(corpus_uri, "manifest.json")
+
+
+def local_model_dir(model_uri: str, tracking: str, dst: str | os.PathLike) -> str:
+    """An HF model folder on this machine: ``runs:/`` / ``models:/`` / ``mlflow-artifacts:`` URIs
+    are downloaded from MLflow into ``dst``; local paths are used as they are; ``s3://`` is copied."""
+    if model_uri.startswith(("runs:/", "models:/", "mlflow-artifacts:")):
+        import mlflow.artifacts
+
+        return mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst), tracking_uri=tracking)
+    if is_local_uri(model_uri):
+        path = local_path(model_uri)
+        if not (path / "config.json").exists():
+            raise StageInputError(f"{model_uri}: not a Hugging Face model folder (no config.json)")
+        return str(path)
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(model_uri)
+    fs.get(path.rstrip("/") + "/", str(dst), recursive=True)
+    return str(dst)
+
+
+def stage_key(stage: str, cfg: PipelineConfig, data_sha256: str, init_model_uri: str | None) -> str:
+    """What the stage's result depends on; the same key means the same model comes out."""
+    stage_cfg = getattr(cfg, stage).model_dump(mode="json")
+    stage_cfg["scaling"].pop("max_failures", None)  # retries do not change the result
+    blob = json.dumps({"stage": stage, "cfg": stage_cfg, "model": cfg.model.model_dump(mode="json"),
+                       "seed": cfg.seed, "data": data_sha256, "init": init_model_uri}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def ray_storage(cfg: PipelineConfig) -> tuple[str, Any]:
+    """``(storage_path, storage_filesystem)`` of ``<work_dir>/ray``: a local folder, or the object store
+    through fsspec (s3fs with ``infra.storage``'s endpoint and credentials) wrapped for pyarrow."""
+    uri = join_uri(cfg.work_dir, "ray")
+    if is_local_uri(uri):
+        path = local_path(uri)
+        path.mkdir(parents=True, exist_ok=True)
+        return str(path), None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    from foresight_core.storage import filesystem
+
+    fs, path = filesystem(uri, cfg.infra.storage)
+    return path, PyFileSystem(FSSpecHandler(fs))
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker: one per Ray Train rank
+
+def _sft_worker(config: dict[str, Any]) -> None:
+    """Runs in each TorchTrainer worker (the process group is already set up by Ray)."""
+    import ray.train
+    import torch
+
+    from foresight_core.sft import run_sft
+
+    cfg: PipelineConfig = config["cfg"]
+    stage: str = config["stage"]
+    stage_cfg = getattr(cfg, stage)
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.set_num_threads(cfg.num_threads or stage_cfg.scaling.cpus_per_worker)
+    tracker = MlflowTracker(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    if tracker is not None:  # what the throughput depends on, as the worker really saw it
+        tracker.set_tags({"foresight.worker.glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+                          "foresight.worker.torch_threads": str(torch.get_num_threads()),
+                          "foresight.worker.world_size": str(ctx.get_world_size())})
+    work = Path(tempfile.mkdtemp(prefix=f"foresight-{stage}-rank{rank}-"))
+    try:
+        init_model = None
+        if config["init_model_uri"]:
+            init_model = local_model_dir(config["init_model_uri"], config["tracking_uri"], work / "init")
+
+        def report(path: Path | None, metrics: dict[str, float]) -> None:
+            ckpt = ray.train.Checkpoint.from_directory(str(path)) if path is not None else None
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"step_{int(metrics['step']):06d}")
+
+        def run(resume_from: str | None):
+            return run_sft(cfg, stage, config["data_uri"], work / "out", init_model=init_model, tracker=tracker,
+                           on_checkpoint=report, resume_from=resume_from, verbose=rank == 0)
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            result = run(None)
+        else:
+            with checkpoint.as_directory() as ckpt_dir:
+                result = run(ckpt_dir)
+        if rank == 0:
+            tracker.log_artifacts(str(result.model_dir), MODEL_ARTIFACT)
+            tracker.log_metrics({"train_tokens_per_s": result.tokens_per_s}, step=result.step)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+def _find_run(cfg: PipelineConfig, stage: str, key: str, status: str) -> Any | None:
+    runs = find_runs(cfg, stage, tags={"foresight.run_key": key}, status=status, max_results=1)
+    return runs[0] if runs else None
+
+
+def _reference(run_id: str, stage: str, key: str, tags: dict[str, str], metrics: dict[str, float],
+               reused: bool) -> dict[str, Any]:
+    return {"stage": stage, "run_id": run_id, "run_key": key, "model_uri": f"runs:/{run_id}/{MODEL_ARTIFACT}",
+            "checkpoint": tags.get("foresight.output.checkpoint"), "metrics": metrics, "reused": reused}
+
+
+def run_sft_stage(stage: str, cfg: PipelineConfig, corpus_uri: str, init_model_uri: str | None = None,
+                  parent_run_id: str | None = None) -> dict[str, Any]:
+    """Run (or reuse, or resume) one supervised stage; returns its reference (see the module docstring):
+    ``{"stage", "run_id", "run_key", "model_uri", "checkpoint", "metrics", "reused"}``."""
+    if stage not in SFT_STAGES:
+        raise ValueError(f"stage must be one of {SFT_STAGES}, got {stage!r}")
+    stage_cfg = getattr(cfg, stage)
+    if not stage_cfg.enabled:
+        return {"stage": stage, "run_id": None, "run_key": None, "model_uri": init_model_uri, "checkpoint": None,
+                "metrics": {}, "reused": False, "skipped": True}
+    setup_env(cfg)
+
+    # ---- inputs and the stage key
+    data_uri, data_sha, manifest_uri = resolve_dataset(stage, corpus_uri, cfg)
+    key = stage_key(stage, cfg, data_sha, init_model_uri)
+    uri = tracking_uri(cfg)
+    done = _find_run(cfg, stage, key, "FINISHED")
+    if done is not None:
+        return _reference(done.info.run_id, stage, key, done.data.tags, done.data.metrics, reused=True)
+
+    # ---- the MLflow run: continue an unfinished one with this key, else a new nested run
+    unfinished = _find_run(cfg, stage, key, "RUNNING") or _find_run(cfg, stage, key, "FAILED")
+    input_tags = {"foresight.run_key": key, "foresight.input.dataset": data_uri,
+                  "foresight.input.dataset_sha256": data_sha,
+                  "foresight.input.corpus_manifest": manifest_uri or "",
+                  "foresight.input.init_model": init_model_uri or f"base:{cfg.model.source}"}
+    if init_model_uri and init_model_uri.startswith("runs:/"):
+        input_tags["foresight.input.init_run_id"] = init_model_uri.split("/")[1]
+    if unfinished is not None:
+        tracker = MlflowTracker(uri, unfinished.info.run_id)
+        tracker.client.update_run(tracker.run_id, status="RUNNING")
+    else:
+        tracker = start_run(cfg, f"{stage}-{key[:8]}", stage, parent_run_id, tags=input_tags)
+        tracker.log_params(stage_params(cfg, stage, "model", "seed"))
+        tracker.log_dataset(data_uri, name=stage, digest=data_sha, context=stage)
+
+    # ---- the Ray Train job
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    init_ray(cfg.infra.ray)
+    scaling = stage_cfg.scaling
+    if scaling.strategy == "fsdp":
+        raise NotImplementedError(f"{stage}.scaling.strategy 'fsdp' is not implemented yet; use 'ddp'")
+    env_vars = {"OMP_NUM_THREADS": str(cfg.num_threads or scaling.cpus_per_worker)}
+    if scaling.malloc_tuning:
+        env_vars["GLIBC_TUNABLES"] = MALLOC_TUNABLES
+    storage_path, storage_fs = ray_storage(cfg)
+    trainer = TorchTrainer(
+        _sft_worker,
+        train_loop_config={"cfg": cfg, "stage": stage, "data_uri": data_uri, "init_model_uri": init_model_uri,
+                           "tracking_uri": uri, "run_id": tracker.run_id},
+        scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                               resources_per_worker={"CPU": scaling.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=f"{cfg.name}-{stage}-{key}", storage_path=storage_path, storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=stage_cfg.keep_checkpoints),
+            worker_runtime_env={"env_vars": env_vars}),
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    checkpoint_path = result.checkpoint.path if result.checkpoint is not None else ""
+    if storage_fs is not None and checkpoint_path:
+        checkpoint_path = join_uri(cfg.work_dir.split("://")[0] + "://", checkpoint_path)
+    output_tags = {"foresight.output.model_uri": f"runs:/{tracker.run_id}/{MODEL_ARTIFACT}",
+                   "foresight.output.checkpoint": checkpoint_path, "foresight.ray_run": result.path}
+    tracker.set_tags(output_tags)
+    tracker.finish("FINISHED")
+    metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    return _reference(tracker.run_id, stage, key, output_tags, metrics, reused=False)

@@ -1,0 +1,137 @@
+"""The ``foresight`` command: instant help, config show, presets, deployments, and bad input that
+fails with exit code 2 and a message naming the field, before any work."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from foresight_flows import cli
+
+HEAVY = ("torch", "ray", "prefect", "mlflow", "transformers")
+
+
+def _foresight(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "foresight_flows.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_help_is_instant_and_imports_nothing_heavy() -> None:
+    t0 = time.perf_counter()
+    out = _foresight("--help")
+    help_s = time.perf_counter() - t0
+    assert out.returncode == 0
+    for command in ("corpus", "wm-amt", "fe-sft", "fc-rl", "eval", "run", "config", "presets", "serve"):
+        assert command in out.stdout
+    # what makes it instant: parsing and config validation load none of the heavy libraries
+    probe = ("import sys; from foresight_flows import cli; cli.build_parser().parse_args(['corpus']); "
+             "from foresight_core.config import load_config; load_config('paper', env={}); "
+             f"print([m for m in sys.modules if m.split('.')[0] in {HEAVY!r}])")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
+    assert help_s < 10, f"foresight --help took {help_s:.1f}s"  # ~0.5 s on an idle 2-core machine
+
+
+def test_config_show_resolves_and_masks(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "cli-secret-value")
+    monkeypatch.setenv("RAY_ADDRESS", "ray://127.0.0.1:10001")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://mlflow:db-pass-9@127.0.0.1/mlflow")
+    assert cli.main(["config", "show", "--preset", "tiny", "--set", "corpus.mc_rollouts=7",
+                     "--set", "envs.math.enabled=false"]) == 0
+    out = capsys.readouterr().out
+    assert "mc_rollouts: 7" in out and "address: ray://127.0.0.1:10001" in out
+    assert "cli-secret-value" not in out and "secret: '**********'" in out
+    assert "db-pass-9" not in out and "postgresql://mlflow:**********@127.0.0.1/mlflow" in out
+    assert "name: tiny" in out
+
+
+def test_config_file_round_trip(tmp_path: Path, capsys) -> None:
+    assert cli.main(["config", "show", "--preset", "laptop"]) == 0
+    path = tmp_path / "mine.yaml"
+    path.write_text(capsys.readouterr().out)
+    assert cli.main(["config", "show", "--config", str(path), "--set", "seed=3"]) == 0
+    assert "seed: 3" in capsys.readouterr().out
+
+
+def test_bad_set_exits_2_naming_the_field_before_any_work(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    out = _foresight("corpus", "--preset", "tiny", "--set", f"work_dir={work}", "--set", "corpus.mc_rollouts=0")
+    assert out.returncode == 2
+    assert "corpus.mc_rollouts" in out.stderr and "greater than or equal to 1" in out.stderr
+    assert "Traceback" not in out.stderr and not work.exists()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["run", "--preset", "huge"], "unknown preset 'huge'"),
+    (["run", "--set", "corpus.nope=1"], "corpus.nope"),
+    (["run", "--set", "corpus"], "must look like key.path=value"),
+    (["fc-rl", "--config", "/nonexistent.yaml"], "does not exist"),
+])
+def test_bad_config_exits_2(argv: list[str], words: str, capsys) -> None:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("foresight: error: ") and words in err
+
+
+def test_usage_errors_exit_2(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main(["corpus", "--preset", "tiny", "--config", "x.yaml"])
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main([])
+    assert e.value.code == 2
+
+
+def test_presets(capsys) -> None:
+    assert cli.main(["presets"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split()[0] for ln in lines] == ["laptop", "paper", "tiny"]
+    assert "Unit-test scale" in lines[2]
+
+
+def test_stage_commands_run_the_pipeline_up_to_their_stage() -> None:
+    cfg = cli.load_config("tiny", env={})
+    assert cli.stages_for("fe-sft", cfg) == ["corpus", "wm_amt", "fe_sft"]
+    assert cli.stages_for("corpus", cfg) == ["corpus"]
+    assert cli.stages_for("run", cfg.model_copy(update={"stages": ["corpus", "eval"]})) == ["corpus", "eval"]
+
+
+def test_missing_stage_module_exits_2(monkeypatch, tmp_path: Path, capsys) -> None:
+    from foresight_flows import pipeline
+
+    monkeypatch.setitem(pipeline.STAGE_MODULES, "eval", "foresight_tasks.no_such_module")
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    assert cli.main(["eval", "--preset", "tiny", "--set", f"work_dir={tmp_path}"]) == 2
+    assert "stage eval is not in this install" in capsys.readouterr().err
+
+
+def test_serve_dry_run(capsys) -> None:
+    assert cli.main(["serve", "--preset", "tiny", "--cron", "15 4 * * *", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "deployment pipeline/tiny-retrain" in out and "15 4 * * *" in out
+    assert "deployment build_corpus/tiny-corpus" in out
+
+
+@pytest.mark.slow
+def test_foresight_corpus_tiny_end_to_end(tmp_path: Path) -> None:
+    """The real command on the embedded default: ephemeral Prefect with its home under the work
+    dir, a local Ray, sqlite MLflow. (Reuse on a second run is tested in test_flows.py.)"""
+    work = tmp_path / "work"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_HOME"}  # let the CLI place it
+    args = [sys.executable, "-m", "foresight_flows.cli", "corpus", "--preset", "tiny", "--set", f"work_dir={work}"]
+    t0 = time.perf_counter()
+    out = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert "  corpus.reused        false" in lines and f"MLflow: mlflow ui --backend-store-uri sqlite:///{work}/mlflow.db" in lines
+    (manifest,) = work.glob("corpus/*/manifest.json")
+    data = json.loads(manifest.read_text())
+    assert data["successes"] >= 1 and data["failures"] >= 1 and data["annotated_steps"] >= 1
+    assert (work / "prefect").is_dir() and (work / "mlflow.db").is_file()
+    print(f"\nforesight corpus --preset tiny: {time.perf_counter() - t0:.1f}s")
