@@ -9,7 +9,10 @@ generation length, sampling (temperature 1, no top-k/top-p), loss (token-mean cl
 no KL, one optimiser step per batch, as TRL's defaults) and the same reward function (math-verify
 of the completion against the gold answer). TRL runs without vLLM. Each side runs in its own
 subprocess under the same environment (threads, GLIBC malloc tunables), and reports the wall time
-of every step; the first step is warm-up and left out of the mean.
+and the CPU time (``time.process_time``, all threads) of every step: on a machine shared with other
+work, CPU time is the steadier measure. The first step of each process is warm-up and left out of the
+mean. With ``--repeats`` the sides take turns (TRL, ours, TRL, ours, ...) so that a busy machine
+slows both alike.
 
 Ours is timed twice: as configured by default, and with ``skip_zero_advantage`` off so that every
 rollout goes through the learner as in TRL (the fair like-for-like number; the default skips
@@ -50,6 +53,7 @@ def run_ours(a: argparse.Namespace) -> dict:
     from foresight_core.config import FCRLConfig, ModelConfig
     from foresight_core.fc_rl import train_fc_rl
     from foresight_core.models import compute_dtype, load_model
+    from foresight_core.tracking import NullTracker
     from foresight_core.types import StepResult, Task
 
     class GSMAnswer:
@@ -75,10 +79,20 @@ def run_ours(a: argparse.Namespace) -> dict:
                      max_new_tokens=a.max_new_tokens, n_eval_tasks=0, format_weight=0.0, use_calibration=False,
                      use_grounding=False, omega_math=0.0, skip_zero_advantage=a.skip_zero,
                      micro_batch_tokens=a.micro_batch_tokens, checkpoint_every=10_000)
-    res = train_fc_rl(cfg, model, tok, tasks, lambda t: GSMAnswer(), seed=a.seed,
+    class CPUClock(NullTracker):  # process CPU time at the end of every step (metrics are logged once a step)
+        marks: list[float] = []
+
+        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+            self.marks.append(time.process_time())
+
+    clock = CPUClock()
+    t0 = time.process_time()
+    res = train_fc_rl(cfg, model, tok, tasks, lambda t: GSMAnswer(), seed=a.seed, tracker=clock,
                       autocast_dtype=compute_dtype(mcfg, "cpu"))
     h = res.history
-    return {"step_s": [m["perf/step_s"] for m in h], "rollout_s": [m["perf/rollout_s"] for m in h],
+    marks = [t0] + clock.marks
+    return {"step_s": [m["perf/step_s"] for m in h], "cpu_s": [b - a for a, b in zip(marks, marks[1:])],
+            "rollout_s": [m["perf/rollout_s"] for m in h],
             "rollout_tokens_per_s": [m["perf/rollout_tokens_per_s"] for m in h],
             "update_s": [m["perf/update_s"] for m in h], "reward": [m["reward/episode_mean"] for m in h],
             "completion_tokens": [m["len/response_tokens_mean"] for m in h],
@@ -104,14 +118,16 @@ def run_trl(a: argparse.Namespace) -> dict:
         return [gsm_reward(c[0]["content"], g) for c, g in zip(completions, answer)]
 
     times: list[float] = []
+    cpu: list[float] = []
     lengths: list[float] = []
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):  # noqa: ANN001
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
             times.append(time.perf_counter() - self.t0)
+            cpu.append(time.process_time() - self.c0)
 
         def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
             if logs and "completions/mean_length" in logs:
@@ -127,7 +143,7 @@ def run_trl(a: argparse.Namespace) -> dict:
         trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok,
                               callbacks=[StepTimer()])
         trainer.train()
-    return {"step_s": times, "completion_tokens": lengths}
+    return {"step_s": times, "cpu_s": cpu, "completion_tokens": lengths}
 
 
 def main() -> None:
@@ -164,7 +180,8 @@ def main() -> None:
             if p.returncode != 0:
                 sys.exit(f"{name} failed:\n{p.stderr[-4000:]}")
             runs[name].append(json.loads(p.stdout.strip().splitlines()[-1]))
-            print(f"{name:13s} step times {[round(x, 1) for x in runs[name][-1]['step_s']]} s "
+            print(f"{name:13s} step wall {[round(x, 1) for x in runs[name][-1]['step_s']]} s, "
+                  f"cpu {[round(x, 1) for x in runs[name][-1]['cpu_s']]} s "
                   f"(process {time.perf_counter() - t0:.0f} s, load {os.getloadavg()[0]:.1f})", flush=True)
 
     def mean(name: str, key: str) -> float:  # over every run of a side, each run's warm-up step left out
@@ -172,14 +189,18 @@ def main() -> None:
         return sum(xs) / len(xs)
 
     trl, ours, dflt = mean("trl", "step_s"), mean("ours", "step_s"), mean("ours_default", "step_s")
+    trl_cpu, ours_cpu, dflt_cpu = mean("trl", "cpu_s"), mean("ours", "cpu_s"), mean("ours_default", "cpu_s")
     print(f"\nSmolLM2-135M, GSM-symbolic single-turn, {a.batch} prompts x G={a.group}, "
           f"{a.max_new_tokens} new tokens, {a.threads} threads, {a.repeats} x {a.steps} steps per side")
-    print(f"TRL GRPOTrainer step     {trl:7.1f} s   (mean completion {mean('trl', 'completion_tokens'):.0f} tokens)")
-    print(f"Foresight step           {ours:7.1f} s   (mean completion {mean('ours', 'completion_tokens'):.0f} "
+    print(f"TRL GRPOTrainer step     {trl:7.1f} s wall, {trl_cpu:7.1f} s CPU   "
+          f"(mean completion {mean('trl', 'completion_tokens'):.0f} tokens)")
+    print(f"Foresight step           {ours:7.1f} s wall, {ours_cpu:7.1f} s CPU   "
+          f"(mean completion {mean('ours', 'completion_tokens'):.0f} "
           f"tokens; rollout {mean('ours', 'rollout_s'):.1f} s, update {mean('ours', 'update_s'):.1f} s)")
-    print(f"ratio Foresight / TRL    {ours / trl:7.2f}   (target <= 0.7)")
+    print(f"ratio Foresight / TRL    {ours / trl:7.2f} wall, {ours_cpu / trl_cpu:5.2f} CPU   (target <= 0.7)")
     skipped = [x for r in runs["ours_default"] for x in r["skipped"]]
-    print(f"Foresight, default skip  {dflt:7.1f} s   ratio {dflt / trl:.2f}  (rollouts skipped per step: {skipped})")
+    print(f"Foresight, default skip  {dflt:7.1f} s wall: ratio {dflt / trl:.2f} wall, {dflt_cpu / trl_cpu:.2f} CPU "
+          f"(rollouts skipped per step: {skipped})")
     print(f"rollout tokens/s (ours)  {mean('ours', 'rollout_tokens_per_s'):7.1f}")
 
 

@@ -6,6 +6,7 @@
     foresight config show --preset paper                # the resolved config as YAML, credentials masked
     foresight presets                                   # the checked-in presets
     foresight serve --preset laptop --cron "0 3 * * 0"  # deployments with a retraining schedule
+    foresight ablate --preset tiny                      # METHOD.md's ablation table in one flow run
 
 Every command that takes a config takes ``--preset NAME`` or ``--config FILE`` plus repeatable
 ``--set key.path=value``; the environment variables of ``foresight_core.config.load`` apply too.
@@ -49,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(command, parents=[config_args], help=STAGE_HELP[stage], description=STAGE_HELP[stage])
     sub.add_parser("run", parents=[config_args], help="the whole pipeline flow: the stages in `stages` "
                    "that are installed, finished ones reused")
+    ablate = sub.add_parser("ablate", parents=[config_args], help="the method's ablation table in one flow run: "
+                            "every variant trained and evaluated, shared stages reused")
+    ablate.add_argument("--table", default="paper_table", help="a table in configs/ablations or a YAML file "
+                        "(default: paper_table)")
+    ablate.add_argument("--only", action="append", default=[], metavar="VARIANT",
+                        help="run only these variants (repeatable)")
     config = sub.add_parser("config", help="inspect a resolved config")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     config_sub.add_parser("show", parents=[config_args], help="print the resolved config (credentials masked)")
@@ -117,6 +124,22 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.preset, args.config, args.overrides)
     except ConfigError as e:
         return _fail(str(e))
+    table = None
+    if args.command == "ablate":
+        from foresight_core.config.ablation import apply_variant, load_ablation
+
+        try:
+            table = load_ablation(args.table)
+            if args.only:
+                unknown = sorted(set(args.only) - {v.name for v in table.variants})
+                if unknown:
+                    raise ConfigError(f"--only: unknown variants {unknown}; the table has "
+                                      f"{[v.name for v in table.variants]}")
+                table = table.model_copy(update={"variants": [v for v in table.variants if v.name in args.only]})
+            for v in table.variants:  # every variant's overrides checked before any work
+                apply_variant(cfg, v)
+        except ConfigError as e:
+            return _fail(str(e))
     if args.command == "config":
         from foresight_tasks.tracking import config_yaml
 
@@ -129,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(cfg, args)
     from foresight_flows import pipeline as flows
+
+    if table is not None:
+        out = flows.ablation(cfg, table)
+        _summary(cfg, {"ablation.run_id": out["ablation.run_id"]})
+        return 0
 
     if args.command in STAGE_COMMANDS and not flows.stage_available(STAGE_COMMANDS[args.command]):
         stage = STAGE_COMMANDS[args.command]

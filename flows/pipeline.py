@@ -36,6 +36,7 @@ from prefect.runtime import flow_run
 from prefect.schedules import Cron
 
 from foresight_core.config import PipelineConfig
+from foresight_core.config.ablation import AblationConfig
 from foresight_core.config.load import ENV_OVERRIDES, set_path, validate
 from foresight_tasks.runtime import is_local_uri, local_path, setup_env
 from foresight_tasks.tracking import MASK, config_yaml, flatten, mask_text, mlflow_run
@@ -154,7 +155,8 @@ def stage_task(stage: str) -> Any:
     return {"wm_amt": wm_amt, "fe_sft": fe_sft, "fc_rl": fc_rl}[stage]
 
 
-def _run_stages(cfg: PipelineConfig, stages: list[str], run_name: str) -> dict[str, str]:
+def _run_stages(cfg: PipelineConfig, stages: list[str], run_name: str,
+                parent_run_id: str | None = None, extra_tags: dict[str, str] | None = None) -> dict[str, str]:
     logger = get_run_logger()
     setup_env(cfg)  # Ray and MLflow defaults for a flow started by a worker rather than the CLI
     runnable: list[str] = []
@@ -165,8 +167,8 @@ def _run_stages(cfg: PipelineConfig, stages: list[str], run_name: str) -> dict[s
             logger.info("stage %s skipped: %s.enabled is false", stage, stage)
         else:
             runnable.append(stage)
-    tags = {"prefect.flow_run_id": str(flow_run.id), "foresight.stages": ",".join(runnable)}
-    with mlflow_run(cfg, run_name, stage="pipeline", tags=tags) as parent:
+    tags = {"prefect.flow_run_id": str(flow_run.id), "foresight.stages": ",".join(runnable), **(extra_tags or {})}
+    with mlflow_run(cfg, run_name, stage="pipeline", parent_run_id=parent_run_id, tags=tags) as parent:
         parent.log_params(flatten(cfg))
         parent.log_text(config_yaml(cfg), "config.yaml")
         refs: dict[str, str] = {"pipeline.run_id": parent.run_id}
@@ -191,6 +193,59 @@ def pipeline(cfg: PipelineConfig) -> dict[str, str]:
     each stage reusing its finished output, all in one MLflow parent run."""
     cfg = revalidate(cfg)
     return _run_stages(cfg, list(cfg.stages), run_name=f"{cfg.name}-pipeline")
+
+
+# the metrics of an eval run that make the ablation table's columns
+TABLE_COLUMNS = ("score", "pass_at_k", "format_rate", "ece_first", "brier_first", "grounding_rate", "gen_tokens")
+
+
+@flow(name="ablation", log_prints=True)
+def ablation(cfg: PipelineConfig, table: AblationConfig) -> dict[str, Any]:
+    """The method table of METHOD.md in one flow run: every variant is the pipeline with its own stages
+    and overrides, nested under one MLflow run; finished stages are shared between variants (the corpus
+    always, WM-AMT / FE-SFT wherever config and inputs agree). The table (markdown and CSV) is logged."""
+    from foresight_core.config.ablation import apply_variant
+    from foresight_tasks.tracking import run_metrics
+
+    cfg = revalidate(cfg)
+    logger = get_run_logger()
+    variants = [(v, apply_variant(cfg, v)) for v in table.variants]  # every override checked before any work
+    rows: list[dict[str, Any]] = []
+    with mlflow_run(cfg, f"{cfg.name}-ablation", stage="ablation",
+                    tags={"prefect.flow_run_id": str(flow_run.id)}) as parent:
+        parent.log_dict(table.model_dump(mode="json"), "ablation.json")
+        for variant, vcfg in variants:
+            logger.info("variant %s (%s)", variant.name, variant.paper_row)
+            refs = _run_stages(vcfg, list(variant.stages), run_name=f"{vcfg.name}-pipeline",
+                               parent_run_id=parent.run_id, extra_tags={"foresight.variant": variant.name})
+            row: dict[str, Any] = {"variant": variant.name, "paper_row": variant.paper_row}
+            if refs.get("eval.run_id"):
+                row.update(ablation_columns(run_metrics(cfg, refs["eval.run_id"])))
+            rows.append(row)
+        parent.log_text(table_markdown(rows), "ablation_table.md")
+        parent.log_table(rows, "ablation_table.json")
+    print(table_markdown(rows))
+    return {"ablation.run_id": parent.run_id, "rows": rows}
+
+
+def ablation_columns(metrics: Mapping[str, float]) -> dict[str, float]:
+    """``avg/<mode>/score`` plus, per mode, each table column averaged over the benchmarks."""
+    out: dict[str, float] = {}
+    for mode in ("direct", "planning"):
+        for col in TABLE_COLUMNS:
+            vals = [v for k, v in metrics.items() if k.endswith(f"/{mode}/{col}") and not k.startswith("avg/")]
+            if vals:
+                out[f"{mode}/{col}"] = sum(vals) / len(vals)
+    return out
+
+
+def table_markdown(rows: list[dict[str, Any]]) -> str:
+    cols = sorted({k for r in rows for k in r} - {"variant", "paper_row"})
+    lines = ["| variant | paper row | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for r in rows:
+        cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
+        lines.append(f"| {r['variant']} | {r['paper_row']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def make_deployments(cfg: PipelineConfig, cron: str = "0 3 * * 0", timezone: str = "UTC") -> list[Any]:

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import hashlib
 import json
 import random
@@ -742,8 +743,12 @@ CORPUS_SOURCES = ("corpus.py", "agent.py", "policies.py", "types.py", "format.py
                   "metrics.py", "envs")
 
 
+@functools.cache
 def code_version() -> str:
-    """Package version + a hash of the source files that shape the corpus."""
+    """Package version + a hash of the source files that shape the corpus.
+
+    Read once per process, so a source edit during a build cannot give the output folder and its
+    manifest two different keys."""
     root = Path(foresight_core.__file__).parent
     h = hashlib.sha256()
     for name in CORPUS_SOURCES:

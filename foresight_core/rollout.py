@@ -42,7 +42,7 @@ TurnFormat = Literal["foresight", "plain", "raw"]
 
 @dataclass
 class SamplingParams:
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0: greedy decoding
     top_p: float = 1.0
     max_new_tokens: int = 256
     stop_token_ids: list[int] = field(default_factory=list)  # empty: the tokenizer's eos
@@ -79,7 +79,8 @@ class _SampledLogprobs:
     """
 
     def __init__(self, temperature: float, top_p: float) -> None:
-        self.temperature, self.top_p = temperature, top_p
+        # temperature 0 is greedy decoding: HF takes the argmax, the recorded log-probs are at temperature 1
+        self.temperature, self.top_p = (temperature or 1.0), top_p
         self.prev: torch.Tensor | None = None  # (B, V) log-probs of the last step's sampling distribution
         self.out: list[torch.Tensor] = []  # one (B,) per generated token
 
@@ -151,7 +152,7 @@ class HFEngine:
             ids[r, width - len(p):] = torch.tensor(p)
             attn[r, width - len(p):] = 1
         stops = params.stop_token_ids or [self.eos_id]
-        gen_cfg = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+        gen_cfg = GenerationConfig(do_sample=params.temperature > 0, temperature=1.0, top_p=1.0, top_k=0,
                                    max_new_tokens=params.max_new_tokens, eos_token_id=stops,
                                    pad_token_id=self.pad_id, use_cache=True)
         rec = _SampledLogprobs(params.temperature, params.top_p)
@@ -265,7 +266,8 @@ def play_group(engine: RolloutEngine, bridge: ChatBridge, make_env: Callable[[Ta
     return rollouts
 
 
-def _take_turn(r: Rollout, env: Env, gen: Generation, bridge: ChatBridge, turn_format: TurnFormat, last_turn: bool, room: int) -> None:
+def _take_turn(r: Rollout, env: Env, gen: Generation, bridge: ChatBridge, turn_format: TurnFormat,
+               last_turn: bool, room: int) -> None:
     """Append one generated turn to a rollout, step its action, and append the observation (or end it)."""
     n = len(gen.token_ids)
     text = bridge.tokenizer.decode(gen.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)

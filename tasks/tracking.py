@@ -263,3 +263,8 @@ def find_runs(cfg: PipelineConfig, stage: str, tags: dict[str, str] | None = Non
     filters += [f"tags.`{k}` = '{v}'" for k, v in (tags or {}).items()]
     return list(_client(uri).search_runs([experiment_id(cfg, uri)], filter_string=" and ".join(filters),
                                          order_by=["attributes.start_time DESC"], max_results=max_results))
+
+
+def run_metrics(cfg: PipelineConfig, run_id: str) -> dict[str, float]:
+    """The latest value of every metric of one run."""
+    return dict(_client(tracking_uri(cfg)).get_run(run_id).data.metrics)

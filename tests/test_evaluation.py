@@ -117,3 +117,21 @@ def test_tiny_model_plays_held_out_search_and_math():
     assert len(report["records"]) == 8  # 2 tasks x 2 samples x 2 modes
     flat = flat_metrics(report)
     assert "search_world/direct/score" in flat and "avg/planning/score" in flat
+
+
+def test_hf_engine_temperature_zero_is_greedy():
+    import torch
+
+    from foresight_core.models import load_model
+    from foresight_core.rollout import HFEngine
+
+    torch.manual_seed(0)
+    model, tok = load_model(ModelConfig(source="tiny"), train=False)
+    engine = HFEngine(model, tok)
+    prompt = tok("Which city is larger?", add_special_tokens=False)["input_ids"]
+    a, b = engine.generate([prompt, prompt], SamplingParams(temperature=0.0, max_new_tokens=8))
+    assert a.token_ids == b.token_ids  # greedy: the same prompt gives the same continuation
+    with torch.no_grad():  # and the first token is the argmax of the model's next-token distribution
+        first = model(torch.tensor([prompt])).logits[0, -1].float().argmax().item()
+    assert a.token_ids[0] == first
+    assert all(math.isfinite(x) and x <= 0 for x in a.logprobs)

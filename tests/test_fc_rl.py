@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from foresight_core.config import FCRLConfig, ModelConfig
-from foresight_core.fc_rl import CHECKPOINT_FILE, compute_advantages, micro_batches, score_rollout, train_fc_rl, \
-    train_items
+from foresight_core.fc_rl import CHECKPOINT_FILE, TrainItem, compute_advantages, micro_batches, rollout_metrics, \
+    score_rollout, train_fc_rl, train_items
 from foresight_core.models import load_model, load_tokenizer
 from foresight_core.rollout import Rollout, RolloutStep
 from foresight_core.tracking import MemoryTracker
@@ -83,15 +83,29 @@ def test_per_token_advantages_baselines():
     assert good.advantages[2] == pytest.approx(0.5)
 
 
+def test_rollout_metrics():
+    m = rollout_metrics(compute_advantages([GOOD, BAD], FCRLConfig()))
+    # stated q vs outcome: (0.4, 1), (0.9, 1), (0.8, 0), (0.6, 0)
+    # Brier = (0.36 + 0.01 + 0.64 + 0.36) / 4 = 0.3425 ; ECE, one q per bin: (0.6 + 0.1 + 0.8 + 0.6) / 4 = 0.525
+    assert m["calib/brier"] == pytest.approx(0.3425) and m["calib/ece"] == pytest.approx(0.525)
+    # grounding [0.5, 1] and [1, 1] -> 0.875 ; half the episodes succeed, all well formed, 8 generated tokens each
+    assert m["grounding_rate"] == pytest.approx(0.875)
+    assert (m["success_rate"], m["format_rate"], m["len/response_tokens_mean"]) == (0.5, 1.0, 8.0)
+    assert m["finish/answer"] == 1.0 and m["len/turns_mean"] == 2.0
+
+
 def test_train_items_and_packing():
     (good,) = compute_advantages([GOOD], FCRLConfig())
     (it,) = train_items([good])
-    # 3 prompt tokens; trained = the 8 generated response tokens; the logit of token j sits at 3 + j - 1
-    assert it.positions == [2, 3, 4, 5, 8, 9, 10, 11]
+    # 3 prompt tokens + 10 response tokens; trained = the 8 generated ones (observation tokens 4, 5 left out)
+    assert it.trained == [0, 1, 2, 3, 6, 7, 8, 9] and len(it) == 13
     assert it.targets == [100, 101, 102, 103, 106, 107, 108, 109]
-    assert len(it.input_ids) == 13
-    # 13-token items, 30-token budget: [a, b] (26) then [c]
-    assert [len(mb) for mb in micro_batches([it, it, it], 30)] == [2, 1]
+    assert it.advantages == [good.advantages[j] for j in it.trained]
+    # micro-batches hold rows x (longest prompt + longest response) <= budget, longest items first:
+    # a 13-token item and a 5-token one, budget 30: [13, 13] (2 x 13 = 26), then [13, 5] (2 x 13 = 26)
+    short = TrainItem(prompt_ids=[1, 2], response_ids=[3, 4, 5], trained=[0, 1, 2], advantages=[0.0] * 3, seq=3)
+    mbs = micro_batches([short, it, it, it], 30)
+    assert [[len(x) for x in mb] for mb in mbs] == [[13, 13], [13, 5]]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 from foresight_core.chat import ChatBridge, tokenize_messages, trajectory_messages
 from foresight_core.config import ModelConfig
 from foresight_core.envs.search import SearchEnv
-from foresight_core.fc_rl import TrainItem, packed_logprobs
+from foresight_core.fc_rl import TrainItem, batch_logprobs
 from foresight_core.format import render_turn
 from foresight_core.models import load_model, load_tokenizer
 from foresight_core.rollout import Generation, HFEngine, SamplingParams, play_group
@@ -155,13 +155,20 @@ def test_hf_engine_logprobs_match_learner(tok):
     torch.manual_seed(1)
     gens = engine.generate(prompts, SamplingParams(temperature=0.7, max_new_tokens=6))
     assert [len(g.token_ids) for g in gens] == [6, 6] and not any(g.finished for g in gens)  # random model: no eos
-    # the learner's packed, unpadded log-probs (logits / T) equal the engine's left-padded sampling ones
-    items = [TrainItem(input_ids=p + g.token_ids, targets=g.token_ids,
-                       positions=[len(p) + j - 1 for j in range(len(g.token_ids))], advantages=[0.0] * 6, seq=k)
+    # the learner's log-probs (logits / T) equal the engine's sampling ones, batched or one sequence at a time
+    items = [TrainItem(prompt_ids=p, response_ids=g.token_ids, trained=list(range(6)), advantages=[0.0] * 6, seq=k)
              for k, (p, g) in enumerate(zip(prompts, gens))]
     with torch.no_grad():
-        lp = packed_logprobs(model, items, 0.7, torch.device("cpu"))
+        lp = batch_logprobs(model, items, 0.7, torch.device("cpu"))
+        one = [batch_logprobs(model, [it], 0.7, torch.device("cpu")) for it in items]
     assert lp.tolist() == pytest.approx(gens[0].logprobs + gens[1].logprobs, abs=1e-4)
+    assert lp.tolist() == pytest.approx(torch.cat(one).tolist(), abs=1e-4)
+    # only some response tokens trained (an observation in between): the same values at those indices
+    part = TrainItem(prompt_ids=prompts[1], response_ids=gens[1].token_ids, trained=[1, 4], advantages=[0.0] * 2,
+                     seq=0)
+    with torch.no_grad():
+        lp_part = batch_logprobs(model, [items[0], part], 0.7, torch.device("cpu"))
+    assert lp_part.tolist()[6:] == pytest.approx([gens[1].logprobs[1], gens[1].logprobs[4]], abs=1e-4)
 
 
 def test_hf_engine_stops_at_stop_token(tok):
@@ -198,15 +205,14 @@ def test_vllm_engine_logprobs_and_weight_sync(tok, tmp_path):
     model = _tiny_model()
     save_model(model, tok, tmp_path / "m")
     engine = VLLMEngine(str(tmp_path / "m"), gpu_memory_utilization=0.2, max_model_len=512, dtype="float32")
-    prompts = [tok.encode("hello there", add_special_tokens=False), tok.encode("a longer prompt", add_special_tokens=False)]
+    prompts = [tok.encode(t, add_special_tokens=False) for t in ("hello there", "a longer prompt")]
 
     def check(m):
         gens = engine.generate(prompts, SamplingParams(temperature=0.7, max_new_tokens=6))
-        items = [TrainItem(input_ids=p + g.token_ids, targets=g.token_ids,
-                           positions=[len(p) + j - 1 for j in range(len(g.token_ids))],
+        items = [TrainItem(prompt_ids=p, response_ids=g.token_ids, trained=list(range(len(g.token_ids))),
                            advantages=[0.0] * len(g.token_ids), seq=k) for k, (p, g) in enumerate(zip(prompts, gens))]
         with torch.no_grad():
-            lp = packed_logprobs(m, items, 0.7, torch.device("cpu"))
+            lp = batch_logprobs(m, items, 0.7, torch.device("cpu"))
         assert lp.tolist() == pytest.approx([x for g in gens for x in g.logprobs], abs=2e-3)
 
     check(model)

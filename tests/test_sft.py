@@ -240,6 +240,21 @@ def test_activation_checkpointing_changes_memory_not_maths(tok, tmp_path: Path):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+def test_lora_trains_only_adapters_and_checkpoints_only_them(tok, tmp_path: Path):
+    from foresight_core.config import LoRAConfig
+
+    cfg = small_cfg(max_steps=2, eval_at_start=False)
+    model, _ = load_model(TINY.model_copy(update={"lora": LoRAConfig(r=4, alpha=8)}), seed=0)
+    base_before = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.clone()
+    result = train(model, tok, prepare_data(rows(), tok, cfg), cfg, tmp_path, verbose=False)
+    assert torch.equal(model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight, base_before)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: it moved
+    state = torch.load(latest_checkpoint(tmp_path / "checkpoints") / "trainer_state.pt", weights_only=False)
+    assert state["model"] and all("lora_" in k for k in state["model"])
+    assert "lora" not in (result.model_dir / "model.safetensors").read_bytes()[:20000].decode("latin1")  # merged
+
+
 def test_checkpoint_of_another_model_is_refused(tok, tmp_path: Path):
     cfg = small_cfg(max_steps=2)
     data = prepare_data(rows(), tok, cfg)

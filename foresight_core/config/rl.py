@@ -39,7 +39,8 @@ class FCRLConfig(StrictModel):
     """foresight: every turn must carry the world-model block then think/action. plain: think/action only
     (the no-foresight baselines). raw: one turn whose whole text is the answer (single-turn GRPO, the benchmark)."""
     engine: Literal["hf", "vllm"] = "hf"
-    """Rollout engine: Hugging Face generate (CPU, shares the learner's weights) or vLLM (GPU, weights synced each step)."""
+    """Rollout engine: Hugging Face generate (CPU; samples from the learner's own module) or vLLM (GPU; weights
+    synced after every step)."""
     temperature: float = Field(default=1.0, gt=0)
     """Sampling temperature; the learner's log-probabilities use the same temperature."""
     top_p: float = Field(default=1.0, gt=0, le=1)
@@ -81,7 +82,8 @@ class FCRLConfig(StrictModel):
     kl_coef: float = Field(default=0.0, ge=0)
     """Weight of the k3 KL to the frozen starting model; 0 keeps no reference model (saves a forward)."""
     loss_agg: Literal["token", "sequence"] = "token"
-    """token: mean over all trained tokens of the mini-batch (DAPO). sequence: mean over sequences of their token mean (GRPO paper)."""
+    """token: mean over all trained tokens of the mini-batch (DAPO). sequence: mean over sequences of their
+    token means (the GRPO paper)."""
     ppo_epochs: int = Field(default=1, ge=1)
     """Passes over each step's rollouts."""
     num_minibatches: int = Field(default=1, ge=1)

@@ -197,7 +197,7 @@ def _bwrap_argv(cfg: SandboxConfig, env: dict[str, str], boot: list[str], root: 
         if os.path.isdir(d) and not os.path.islink(d):
             argv += ["--tmpfs", d]
     for p in _interpreter_dirs():
-        for d in _MASKED:
+        for d in (*_MASKED, _SANDBOX_TMP):  # e.g. a venv under /tmp (CI clones) must stay runnable
             if p.startswith(d + "/"):  # bind it back; the folders on the way must be enterable
                 parts = p[len(d) + 1:].split("/")
                 for i in range(1, len(parts)):

@@ -1,0 +1,74 @@
+"""The ablation table of METHOD.md as data: each row is the pipeline with some stages and overrides.
+
+One flow run (``foresight ablate``) trains and evaluates every row; rows share finished stages
+(the corpus always, WM-AMT and FE-SFT wherever their config and inputs agree), so the table costs
+far less than its rows run one by one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from foresight_core.config.base import StrictModel
+from foresight_core.config.load import ConfigError, _format_validation_error, set_path, validate
+from foresight_core.config.pipeline import PipelineConfig, Stage
+
+ABLATION_DIR = Path(__file__).resolve().parents[2] / "configs" / "ablations"
+
+
+class Variant(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    """Short name of the row (a tag and a metric prefix in MLflow)."""
+    paper_row: str = ""
+    """The row of the paper's table this variant reproduces."""
+    stages: list[Stage]
+    """Stages this row runs, in pipeline order (corpus and eval are always wanted)."""
+    overrides: dict[str, Any] = {}
+    """Dotted config paths and values applied on top of the base config (as ``--set``)."""
+
+
+class AblationConfig(StrictModel):
+    variants: list[Variant]
+    """The rows of the table."""
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "AblationConfig":
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variant names must be unique, got {names}")
+        if not names:
+            raise ValueError("an ablation needs at least one variant")
+        return self
+
+
+def load_ablation(name_or_path: str) -> AblationConfig:
+    """A table from ``configs/ablations/<name>.yaml`` or a YAML file path."""
+    path = Path(name_or_path)
+    if not path.exists():
+        path = ABLATION_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in ABLATION_DIR.glob("*.yaml")))
+        raise ConfigError(f"unknown ablation table {name_or_path!r}; tables: {known}")
+    try:
+        return AblationConfig.model_validate(yaml.safe_load(path.read_text()) or {})
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, str(path))) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+
+
+def apply_variant(cfg: PipelineConfig, variant: Variant) -> PipelineConfig:
+    """The base config with the variant's stages and overrides; a bad override names the field."""
+    data = cfg.model_dump(mode="json")
+    for name in ("key", "secret"):  # the JSON dump masks credentials: carry the real ones over
+        value = getattr(cfg.infra.storage, name)
+        data["infra"]["storage"][name] = value.get_secret_value() if value is not None else None
+    data["stages"] = list(variant.stages)
+    data["name"] = f"{cfg.name}-{variant.name}"
+    for dotted, value in variant.overrides.items():
+        set_path(data, dotted, value)
+    return validate(data, f"ablation variant {variant.name}")

@@ -1,0 +1,182 @@
+"""Benchmark evaluation as a Ray Data job recorded in MLflow: the adapter around ``foresight_core.evaluation``.
+
+    from foresight_tasks.evaluate import run_eval_stage
+    ev = run_eval_stage(cfg, model_uri=rl["model_uri"], corpus_uri=manifest.uri, parent_run_id=...)
+    ev["metrics"]["search_world/direct/score"], ev["metrics"]["avg/planning/score"]
+
+What one call does:
+1. Resolves its inputs: the corpus's held-out ``eval/<benchmark>`` task sets (by its manifest) and the
+   model to evaluate (an MLflow ``runs:/`` URI, an HF folder, or None for the config's base model).
+2. Stage key (eval config, envs, model config, seed, the eval sets' sha256, the model URI): a FINISHED
+   MLflow run with that key is returned as it is.
+3. Ray Data: the tasks flow through ``map_batches`` into a pool of ``cfg.eval.num_actors`` actors, each
+   holding one copy of the model (loaded once) and playing whole batches of episodes with the HF engine
+   (or vLLM on a GPU). Tasks and records cross Ray Data as JSON text.
+4. The driver summarises the records per benchmark and decoding mode (``evaluation.summarise``) and
+   logs the metrics, the report (JSON) and a table of sample episodes to a run nested under the pipeline's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from foresight_core.config import PipelineConfig
+from foresight_core.evaluation import flat_metrics, modes, summarise
+from foresight_core.storage import sha256_file
+from foresight_tasks.rl import eval_task_uris, load_tasks
+from foresight_tasks.runtime import init_ray, setup_env
+from foresight_tasks.tracking import MlflowTracker, find_runs, stage_params, start_run, tracking_uri
+from foresight_tasks.train import StageInputError, local_model_dir
+
+STAGE = "eval"
+
+
+class EvalWorker:
+    """A Ray Data actor: loads the model once, then plays every batch of tasks it is given."""
+
+    def __init__(self, cfg: PipelineConfig, model_uri: str | None, tracking: str) -> None:
+        import torch
+
+        from foresight_core.chat import ChatBridge
+        from foresight_core.models import compute_dtype, load_model
+
+        torch.set_num_threads(cfg.num_threads or max(1, torch.get_num_threads()))
+        self.cfg = cfg
+        self.work = Path(tempfile.mkdtemp(prefix="foresight-eval-"))
+        weakref.finalize(self, shutil.rmtree, self.work, True)  # the downloaded model goes with the actor
+        model_cfg = cfg.model
+        if model_uri:
+            model_cfg = cfg.model.model_copy(update={"source": "hf", "name_or_path": local_model_dir(
+                model_uri, tracking, self.work / "model"), "lora": None})
+        if cfg.eval.engine == "vllm":
+            from foresight_core.models import save_model
+            from foresight_core.vllm_engine import VLLMEngine
+            model, tokenizer = load_model(model_cfg, "cpu", train=False, seed=cfg.seed)
+            path = model_cfg.name_or_path or str(save_model(model, tokenizer, self.work / "base"))
+            self.engine = VLLMEngine(path, max_model_len=cfg.eval.max_context_tokens, seed=cfg.seed)
+        else:
+            from foresight_core.rollout import HFEngine
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            model, tokenizer = load_model(model_cfg, device, train=False, seed=cfg.seed)
+            self.engine = HFEngine(model, tokenizer, autocast_dtype=None, max_batch=cfg.eval.batch_size)
+        self.bridge = ChatBridge(tokenizer)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
+        import torch
+
+        from foresight_core.envs import env_for_task
+        from foresight_core.evaluation import play_benchmark
+        from foresight_core.types import Task
+
+        torch.manual_seed(self.cfg.seed)
+        by_bench: dict[str, list[Task]] = {}
+        for bench, task_json in zip(batch["benchmark"], batch["task"]):
+            by_bench.setdefault(str(bench), []).append(Task.from_dict(json.loads(task_json)))
+        records: list[dict[str, Any]] = []
+        for bench, tasks in by_bench.items():
+            for mode in modes(self.cfg.eval):
+                records += play_benchmark(self.engine, self.bridge, lambda t: env_for_task(t, self.cfg.envs),
+                                          tasks, self.cfg.eval, bench, mode)
+        return {"record": [json.dumps(r) for r in records]}
+
+
+def eval_key(cfg: PipelineConfig, data_sha: str, model_uri: str | None) -> str:
+    """What the evaluation's result depends on; the same key gives the same report."""
+    blob = json.dumps({"eval": cfg.eval.model_dump(mode="json", exclude={"num_actors"}),
+                       "envs": cfg.envs.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
+                       "seed": cfg.seed, "data": data_sha, "model_uri": model_uri}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_eval_stage(cfg: PipelineConfig, model_uri: str | None, corpus_uri: str,
+                   parent_run_id: str | None = None) -> dict[str, Any]:
+    """Evaluate (or reuse the evaluation of) ``model_uri`` on the corpus's held-out sets.
+
+    Returns ``{"stage", "run_id", "run_key", "metrics", "reused"}`` (metrics flattened as
+    ``<benchmark>/<mode>/<metric>``)."""
+    setup_env(cfg)
+    storage = cfg.infra.storage
+    uris = eval_task_uris(corpus_uri, cfg)
+    if not uris:
+        raise StageInputError(f"{corpus_uri}: the corpus has no eval/* task sets (or no complete manifest)")
+    sets = {Path(u).stem: load_tasks(u, cfg) for u in uris}
+    if cfg.eval.max_tasks:
+        sets = {name: tasks[:cfg.eval.max_tasks] for name, tasks in sets.items()}
+    data_sha = hashlib.sha256("".join(sha256_file(u, storage) for u in uris).encode()).hexdigest()
+    key = eval_key(cfg, data_sha, model_uri)
+    uri = tracking_uri(cfg)
+    done = find_runs(cfg, STAGE, tags={"foresight.run_key": key}, status="FINISHED", max_results=1)
+    if done:
+        return {"stage": STAGE, "run_id": done[0].info.run_id, "run_key": key, "metrics": done[0].data.metrics,
+                "reused": True}
+
+    tags = {"foresight.run_key": key, "foresight.input.eval_sets": ",".join(uris),
+            "foresight.input.model": model_uri or f"base:{cfg.model.source}"}
+    if model_uri and model_uri.startswith("runs:/"):
+        tags["foresight.input.model_run_id"] = model_uri.split("/")[1]
+    tracker = start_run(cfg, f"{STAGE}-{key[:8]}", STAGE, parent_run_id, tags=tags)
+    try:
+        tracker.log_params(stage_params(cfg, "eval", "model", "seed"))
+        for u in uris:
+            tracker.log_dataset(u, name=Path(u).stem, digest=sha256_file(u, storage), context=STAGE,
+                                n_rows=len(sets[Path(u).stem]))
+
+        # ---- Ray Data: tasks -> actors holding the model -> episode records
+        import ray.data
+
+        init_ray(cfg.infra.ray)
+        items = [{"benchmark": name, "task": json.dumps(t.to_dict())} for name, tasks in sets.items() for t in tasks]
+        per_batch = max(1, cfg.eval.batch_size // cfg.eval.samples_per_task)
+        ds = ray.data.from_items(items).map_batches(
+            EvalWorker, fn_constructor_kwargs={"cfg": cfg, "model_uri": model_uri, "tracking": uri},
+            batch_size=per_batch, batch_format="numpy", concurrency=cfg.eval.num_actors,
+            num_gpus=1 if cfg.eval.engine == "vllm" else 0)
+        records = [json.loads(r["record"]) for r in ds.iter_rows()]
+
+        # ---- summary per benchmark and mode, logged to the run
+        report: dict[str, Any] = {}
+        for name in sets:
+            report[name] = {}
+            for mode in modes(cfg.eval):
+                recs = [r for r in records if r["benchmark"] == name and r["mode"] == mode]
+                if recs:
+                    report[name][mode] = summarise(recs)
+        metrics = flat_metrics(report)
+        tracker.log_metrics(metrics)
+        tracker.log_dict(report, "eval_report.json")
+        sample = [r for name in sets for r in records if r["benchmark"] == name][:cfg.eval.sample_rows * len(sets)]
+        if sample:
+            tracker.log_table([{k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in r.items()}
+                               for r in sample], "eval_episodes.json")
+        tracker.set_tags({"foresight.output.report": "eval_report.json"})
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish()
+    return {"stage": STAGE, "run_id": tracker.run_id, "run_key": key, "metrics": metrics, "reused": False}
+
+
+@task(name="eval", cache_policy=NO_CACHE)
+def evaluate(cfg: PipelineConfig, refs: dict[str, str], parent_run_id: str | None) -> dict[str, str]:
+    """Held-out benchmarks for the latest model of this pipeline run (FC-RL's, else FE-SFT's, else WM-AMT's,
+    else the base model): score, calibration, grounding, format and test-time planning."""
+    from foresight_tasks.corpus import find_corpus
+
+    corpus = find_corpus(cfg, refs)
+    model_uri = refs.get("fc_rl.model_uri") or refs.get("fe_sft.model_uri") or refs.get("wm_amt.model_uri")
+    ref = run_eval_stage(cfg, model_uri, corpus.uri, parent_run_id=parent_run_id)
+    out = {"eval.run_id": str(ref["run_id"]), "eval.reused": str(ref["reused"]).lower()}
+    for k in ("avg/direct/score", "avg/planning/score"):
+        if k in ref["metrics"]:
+            out[f"eval.{k}"] = f"{ref['metrics'][k]:.4f}"
+    return out
+

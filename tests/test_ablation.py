@@ -1,0 +1,63 @@
+"""The ablation table: checked-in tables parse and apply to every preset; the table's columns."""
+
+from __future__ import annotations
+
+import pytest
+
+from foresight_core.config import ConfigError, list_presets, load_config
+from foresight_core.config.ablation import ABLATION_DIR, AblationConfig, Variant, apply_variant, load_ablation
+
+
+@pytest.mark.parametrize("table", sorted(p.stem for p in ABLATION_DIR.glob("*.yaml")))
+@pytest.mark.parametrize("preset", list_presets())
+def test_every_table_applies_to_every_preset(table, preset):
+    t = load_ablation(table)
+    cfg = load_config(preset)
+    for v in t.variants:
+        vcfg = apply_variant(cfg, v)
+        assert vcfg.stages == v.stages and vcfg.name == f"{cfg.name}-{v.name}"
+
+
+def test_paper_table_rows():
+    t = {v.name: v for v in load_ablation("paper_table").variants}
+    cfg = load_config("tiny")
+    full, plain = apply_variant(cfg, t["full"]), apply_variant(cfg, t["fe_sft_rl"])
+    assert full.fc_rl.use_calibration and full.fc_rl.use_grounding and full.fc_rl.omega_search == 0.2
+    assert not plain.fc_rl.use_calibration and not plain.fc_rl.use_grounding and plain.fc_rl.omega_math == 0
+    sft = apply_variant(cfg, t["sft_rl"])
+    assert not sft.fe_sft.foresight and sft.fc_rl.turn_format == "plain" and sft.eval.turn_format == "plain"
+    assert "wm_amt" not in plain.stages and "wm_amt" in full.stages
+
+
+def test_bad_variants_name_the_field(tmp_path):
+    cfg = load_config("tiny")
+    with pytest.raises(ConfigError, match="fc_rl.omega_math"):
+        apply_variant(cfg, Variant(name="x", stages=["corpus"], overrides={"fc_rl.omega_math": -1}))
+    with pytest.raises(ConfigError, match="fc_rl.bogus"):
+        apply_variant(cfg, Variant(name="x", stages=["corpus"], overrides={"fc_rl.bogus": 1}))
+    with pytest.raises(ValueError, match="unique"):
+        AblationConfig(variants=[Variant(name="a", stages=["corpus"]), Variant(name="a", stages=["corpus"])])
+    bad = tmp_path / "t.yaml"
+    bad.write_text("variants:\n  - name: a\n    stages: [corpus, nonsense]\n")
+    with pytest.raises(ConfigError, match="variants.0.stages.1"):
+        load_ablation(str(bad))
+
+
+def test_apply_variant_keeps_credentials():
+    cfg = load_config("tiny", overrides=["infra.storage.key=AKIA", "infra.storage.secret=s3cr3t"])
+    v = apply_variant(cfg, Variant(name="x", stages=["corpus"]))
+    assert v.infra.storage.secret.get_secret_value() == "s3cr3t"
+
+
+def test_ablation_columns_and_markdown():
+    pytest.importorskip("prefect")
+    from foresight_flows.pipeline import ablation_columns, table_markdown
+
+    metrics = {"search_world/direct/score": 0.5, "gsm_symbolic/direct/score": 0.25, "avg/direct/score": 0.375,
+               "search_world/planning/score": 0.75, "search_world/direct/ece_first": 0.1}
+    cols = ablation_columns(metrics)
+    assert cols["direct/score"] == pytest.approx(0.375)  # (0.5 + 0.25) / 2; the avg/ key is not counted twice
+    assert cols["planning/score"] == pytest.approx(0.75) and cols["direct/ece_first"] == pytest.approx(0.1)
+    md = table_markdown([{"variant": "full", "paper_row": "full", **cols}])
+    assert md.splitlines()[0].startswith("| variant | paper row | direct/ece_first | direct/score")
+    assert "| full | full | 0.100 | 0.375 | 0.750 |" in md
