@@ -20,7 +20,7 @@ Simplifications, said out loud:
   forward pass that would compute it is skipped (TRL does the same).
 - Rollouts whose trained tokens all have advantage 0 carry no gradient when there is no KL term
   (d(-ratio * 0)/d theta = 0); they are counted in the token mean but not run through the model
-  (``skip_zero_advantage``; a group whose G rollouts all fail or all succeed is such a group).
+  (``skip_zero_advantage``; with task reward only, every group whose G rollouts score alike).
 - Learner log-probabilities use logits / temperature, the distribution the engine sampled from
   (top_p < 1 makes the engine's differ; the ratio uses the learner's on both sides).
 

@@ -92,7 +92,7 @@ class FCRLConfig(StrictModel):
     """Do not run rollouts whose trained tokens all have advantage 0 through the learner when there is no KL
     term: their gradient is exactly 0 (they still count in the token mean). Off: every rollout is run (benchmarks)."""
     micro_batch_tokens: int = Field(default=4096, ge=64)
-    """Packed tokens per forward/backward (gradient accumulation inside a mini-batch)."""
+    """Tokens per forward/backward, padding included (rows x longest row); gradients accumulate over micro-batches."""
 
     # -- bookkeeping
     sample_every: int = Field(default=5, ge=1)

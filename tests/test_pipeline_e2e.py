@@ -1,0 +1,55 @@
+"""The whole method on the tiny preset through Prefect, Ray and MLflow: corpus -> WM-AMT -> FE-SFT ->
+FC-RL -> eval, every stage a nested MLflow run linked by references; then a two-row ablation table
+that reuses the stages it shares with that run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_tiny_pipeline_end_to_end_then_ablation(prefect_server, ray_local, tiny_cfg) -> None:
+    import mlflow
+
+    from foresight_core.config.ablation import load_ablation
+    from foresight_flows.pipeline import ablation, pipeline
+
+    refs = pipeline(tiny_cfg)
+    for stage in ("corpus", "wm_amt", "fe_sft", "fc_rl", "eval"):
+        assert refs[f"{stage}.run_id"], stage
+    client = mlflow.MlflowClient(tiny_cfg.infra.tracking.tracking_uri)
+    parent = refs["pipeline.run_id"]
+    runs = {s: client.get_run(refs[f"{s}.run_id"]) for s in ("corpus", "wm_amt", "fe_sft", "fc_rl", "eval")}
+    for stage, run in runs.items():
+        assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent, stage
+    # each stage names its input by reference: FE-SFT starts from WM-AMT's model, FC-RL from FE-SFT's,
+    # eval plays FC-RL's model
+    assert runs["fe_sft"].data.tags["foresight.input.init_model"] == refs["wm_amt.model_uri"]
+    assert runs["fc_rl"].data.tags["foresight.input.init_model"] == refs["fe_sft.model_uri"]
+    assert runs["eval"].data.tags["foresight.input.model"] == refs["fc_rl.model_uri"]
+    # the evaluation report covers both held-out sets in both modes
+    m = runs["eval"].data.metrics
+    for bench in ("search_world", "gsm_symbolic"):
+        for mode in ("direct", "planning"):
+            assert 0.0 <= m[f"{bench}/{mode}/score"] <= 1.0 and m[f"{bench}/{mode}/episodes"] >= 1
+    report_dir = client.download_artifacts(runs["eval"].info.run_id, "eval_report.json")
+    assert set(json.loads(Path(report_dir).read_text())) == {"search_world", "gsm_symbolic"}
+
+    # two rows of the method table: the full row reuses every stage of the run above
+    table = load_ablation("paper_table")
+    table = table.model_copy(update={"variants": [v for v in table.variants if v.name in ("full", "fe_sft_only")]})
+    out = ablation(tiny_cfg, table)
+    rows = {r["variant"]: r for r in out["rows"]}
+    assert set(rows) == {"full", "fe_sft_only"} and "direct/score" in rows["full"]
+    children = client.search_runs([client.get_run(parent).info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{out['ablation.run_id']}'")
+    assert {r.data.tags["foresight.variant"] for r in children} == {"full", "fe_sft_only"}
+    full = next(r for r in children if r.data.tags["foresight.variant"] == "full")
+    full_refs = json.loads(Path(client.download_artifacts(full.info.run_id, "refs.json")).read_text())
+    assert full_refs["fc_rl.reused"] == "true" and full_refs["fc_rl.run_id"] == refs["fc_rl.run_id"]
+    table_md = Path(client.download_artifacts(out["ablation.run_id"], "ablation_table.md")).read_text()
+    assert "| full |" in table_md and "| fe_sft_only |" in table_md
