@@ -58,12 +58,18 @@ def _contained(res: SandboxResult, marker: str) -> None:
 
 @pytest.fixture
 def victim():
-    """A host folder the sandbox can see (inside the repo's tests/, not under bwrap's private /tmp).
+    """A host folder the sandbox can see (inside the repo's tests/, or /var/lib when the repo itself lies
+    under a folder bwrap hides, such as a CI clone under /tmp).
 
     The tests open it up (mode 0777, file 0666) where only the sandbox's read-only view of the
     host protects it, and keep the usual 0755 / 0644 where only the unprivileged uid does.
     """
-    d = Path(tempfile.mkdtemp(prefix="victim-", dir=Path(__file__).parent))
+    here = Path(__file__).resolve().parent
+    hidden = ("/tmp", "/root", "/home", "/run", "/var/tmp")  # what bwrap covers with a tmpfs
+    base = here
+    if str(here).startswith(tuple(h + "/" for h in hidden)):  # a clone under /tmp (CI): pick a visible place
+        base = next((Path(p) for p in ("/var/lib", "/opt", "/srv") if os.access(p, os.W_OK)), here)
+    d = Path(tempfile.mkdtemp(prefix="foresight-victim-", dir=base))
     d.chmod(0o755)
     (d / "keep.txt").write_text("precious")
     yield d
