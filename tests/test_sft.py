@@ -266,6 +266,23 @@ def test_checkpoint_of_another_model_is_refused(tok, tmp_path: Path):
               verbose=False)
 
 
+def test_cli_trains_then_resumes_instead_of_starting_over(tmp_path: Path, capsys):
+    import json as _json
+
+    from foresight_core.sft import main
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(_json.dumps(r) + "\n" for r in rows()))
+    args = ["--preset", "tiny", "--stage", "fe_sft", "--data", str(data), "--out", str(tmp_path / "out"),
+            "--set", "model.tiny_hidden=32", "--set", "fe_sft.seq_len=128", "--set", "fe_sft.max_steps=2"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert "step 2/2" in first and '"step": 2' in first
+    assert main(args + ["--set", "fe_sft.max_steps=3"]) == 0  # a longer run picks up at step 2
+    second = capsys.readouterr().out
+    assert "resumed from" in second and "step 1/3" not in second and "step 3/3" in second
+
+
 # ---------------------------------------------------------------------------- DDP
 
 def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
