@@ -34,7 +34,7 @@ from foresight_core.evaluation import flat_metrics, modes, summarise
 from foresight_core.storage import sha256_file
 from foresight_tasks.rl import eval_task_uris, load_tasks
 from foresight_tasks.runtime import init_ray, setup_env
-from foresight_tasks.tracking import MlflowTracker, find_runs, stage_params, start_run, tracking_uri
+from foresight_tasks.tracking import find_runs, stage_params, start_run, tracking_uri
 from foresight_tasks.train import StageInputError, local_model_dir
 
 STAGE = "eval"
@@ -47,7 +47,7 @@ class EvalWorker:
         import torch
 
         from foresight_core.chat import ChatBridge
-        from foresight_core.models import compute_dtype, load_model
+        from foresight_core.models import load_model
 
         torch.set_num_threads(cfg.num_threads or max(1, torch.get_num_threads()))
         self.cfg = cfg

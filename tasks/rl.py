@@ -29,10 +29,10 @@ from typing import Any
 
 from foresight_core.config import PipelineConfig
 from foresight_core.storage import join_uri, load_manifest, read_rows
-from foresight_tasks.runtime import init_ray, setup_env
+from foresight_tasks.runtime import setup_env
 from foresight_tasks.tracking import MlflowTracker, find_runs, stage_params, start_run, tracking_uri
-from foresight_tasks.train import MALLOC_TUNABLES, MODEL_ARTIFACT, StageInputError, local_model_dir, \
-    ray_storage, resolve_dataset, stage_key
+from foresight_tasks.train import MODEL_ARTIFACT, StageInputError, fit_stage, local_model_dir, \
+    resolve_dataset, stage_key
 
 STAGE = "fc_rl"
 
@@ -166,40 +166,8 @@ def run_fc_rl_stage(cfg: PipelineConfig, init_model_uri: str | None, task_set_ur
         tracker.log_dataset(data_uri, name="rl_tasks", digest=data_sha, context=STAGE, n_rows=len(train_tasks))
 
     # ---- the Ray Train job
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    init_ray(cfg.infra.ray)
-    scaling = rl.scaling
-    if scaling.strategy == "fsdp":
-        raise NotImplementedError("fc_rl.scaling.strategy 'fsdp' is not implemented yet; use 'ddp'")
-    env_vars = {"OMP_NUM_THREADS": str(cfg.num_threads or scaling.cpus_per_worker)}
-    if scaling.malloc_tuning:
-        env_vars["GLIBC_TUNABLES"] = MALLOC_TUNABLES
-    storage_path, storage_fs = ray_storage(cfg)
-    trainer = TorchTrainer(
-        _rl_worker,
-        train_loop_config={"cfg": cfg, "init_model_uri": init_model_uri, "train_tasks": train_tasks,
-                           "eval_tasks": eval_tasks, "tracking_uri": uri, "run_id": tracker.run_id},
-        scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                               resources_per_worker={"CPU": scaling.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=f"{cfg.name}-{STAGE}-{key}", storage_path=storage_path, storage_filesystem=storage_fs,
-            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=rl.keep_checkpoints),
-            worker_runtime_env={"env_vars": env_vars}),
-    )
-    try:
-        result = trainer.fit()
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
-    checkpoint_path = result.checkpoint.path if result.checkpoint is not None else ""
-    if storage_fs is not None and checkpoint_path:
-        checkpoint_path = join_uri(cfg.work_dir.split("://")[0] + "://", checkpoint_path)
-    output_tags = {"foresight.output.model_uri": f"runs:/{tracker.run_id}/{MODEL_ARTIFACT}",
-                   "foresight.output.checkpoint": checkpoint_path, "foresight.ray_run": result.path}
-    tracker.set_tags(output_tags)
-    tracker.finish("FINISHED")
+    loop_config = {"cfg": cfg, "init_model_uri": init_model_uri, "train_tasks": train_tasks,
+                   "eval_tasks": eval_tasks, "tracking_uri": uri, "run_id": tracker.run_id}
+    _, output_tags = fit_stage(_rl_worker, loop_config, cfg, STAGE, key, rl.scaling, rl.keep_checkpoints, tracker)
     metrics = tracker.client.get_run(tracker.run_id).data.metrics
     return _reference(tracker.run_id, key, output_tags, metrics, reused=False)

@@ -182,6 +182,49 @@ def _reference(run_id: str, stage: str, key: str, tags: dict[str, str], metrics:
             "checkpoint": tags.get("foresight.output.checkpoint"), "metrics": metrics, "reused": reused}
 
 
+def fit_stage(worker: Any, loop_config: dict[str, Any], cfg: PipelineConfig, stage: str, key: str, scaling: Any,
+              keep_checkpoints: int, tracker: MlflowTracker) -> tuple[Any, dict[str, str]]:
+    """Run ``worker`` on every rank of a ``TorchTrainer`` (the training stages' one launch path).
+
+    Scaling, storage (local or s3), retries and checkpoints come from config; the MLflow run is
+    marked FAILED if the job fails and FINISHED with output tags (model URI, last checkpoint) if not.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    init_ray(cfg.infra.ray)
+    if scaling.strategy == "fsdp":
+        raise NotImplementedError(f"{stage}.scaling.strategy 'fsdp' is not implemented yet; use 'ddp'")
+    env_vars = {"OMP_NUM_THREADS": str(cfg.num_threads or scaling.cpus_per_worker)}
+    if scaling.malloc_tuning:
+        env_vars["GLIBC_TUNABLES"] = MALLOC_TUNABLES
+    storage_path, storage_fs = ray_storage(cfg)
+    trainer = TorchTrainer(
+        worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                               resources_per_worker={"CPU": scaling.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=f"{cfg.name}-{stage}-{key}", storage_path=storage_path, storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
+            worker_runtime_env={"env_vars": env_vars}),
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    checkpoint_path = result.checkpoint.path if result.checkpoint is not None else ""
+    if storage_fs is not None and checkpoint_path:
+        checkpoint_path = join_uri(cfg.work_dir.split("://")[0] + "://", checkpoint_path)
+    output_tags = {"foresight.output.model_uri": f"runs:/{tracker.run_id}/{MODEL_ARTIFACT}",
+                   "foresight.output.checkpoint": checkpoint_path, "foresight.ray_run": result.path}
+    tracker.set_tags(output_tags)
+    tracker.finish("FINISHED")
+    return result, output_tags
+
+
 def run_sft_stage(stage: str, cfg: PipelineConfig, corpus_uri: str, init_model_uri: str | None = None,
                   parent_run_id: str | None = None) -> dict[str, Any]:
     """Run (or reuse, or resume) one supervised stage; returns its reference (see the module docstring):
@@ -219,40 +262,9 @@ def run_sft_stage(stage: str, cfg: PipelineConfig, corpus_uri: str, init_model_u
         tracker.log_dataset(data_uri, name=stage, digest=data_sha, context=stage)
 
     # ---- the Ray Train job
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    init_ray(cfg.infra.ray)
-    scaling = stage_cfg.scaling
-    if scaling.strategy == "fsdp":
-        raise NotImplementedError(f"{stage}.scaling.strategy 'fsdp' is not implemented yet; use 'ddp'")
-    env_vars = {"OMP_NUM_THREADS": str(cfg.num_threads or scaling.cpus_per_worker)}
-    if scaling.malloc_tuning:
-        env_vars["GLIBC_TUNABLES"] = MALLOC_TUNABLES
-    storage_path, storage_fs = ray_storage(cfg)
-    trainer = TorchTrainer(
-        _sft_worker,
-        train_loop_config={"cfg": cfg, "stage": stage, "data_uri": data_uri, "init_model_uri": init_model_uri,
-                           "tracking_uri": uri, "run_id": tracker.run_id},
-        scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                               resources_per_worker={"CPU": scaling.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=f"{cfg.name}-{stage}-{key}", storage_path=storage_path, storage_filesystem=storage_fs,
-            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=stage_cfg.keep_checkpoints),
-            worker_runtime_env={"env_vars": env_vars}),
-    )
-    try:
-        result = trainer.fit()
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
-    checkpoint_path = result.checkpoint.path if result.checkpoint is not None else ""
-    if storage_fs is not None and checkpoint_path:
-        checkpoint_path = join_uri(cfg.work_dir.split("://")[0] + "://", checkpoint_path)
-    output_tags = {"foresight.output.model_uri": f"runs:/{tracker.run_id}/{MODEL_ARTIFACT}",
-                   "foresight.output.checkpoint": checkpoint_path, "foresight.ray_run": result.path}
-    tracker.set_tags(output_tags)
-    tracker.finish("FINISHED")
+    result, output_tags = fit_stage(_sft_worker, {"cfg": cfg, "stage": stage, "data_uri": data_uri,
+                                                  "init_model_uri": init_model_uri, "tracking_uri": uri,
+                                                  "run_id": tracker.run_id},
+                                    cfg, stage, key, stage_cfg.scaling, stage_cfg.keep_checkpoints, tracker)
     metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     return _reference(tracker.run_id, stage, key, output_tags, metrics, reused=False)
