@@ -474,7 +474,7 @@ def train(model: nn.Module, tokenizer, data: SFTData, cfg: SFTConfig, out_dir: s
     if data.eval is not None and cfg.eval_at_start and resume_from is None:
         last.update(evaluate(loss_fn, data.eval, cfg, rank, world, device, dtype))
         log({k: v for k, v in last.items() if k.startswith("eval")}, 0)
-        say(f"step 0 | " + " | ".join(f"{k} {v:.4f}" for k, v in last.items()))
+        say("step 0 | " + " | ".join(f"{k} {v:.4f}" for k, v in last.items()))
 
     # ---- training
     train_tokens, train_seconds, train_cpu_seconds = 0, 0.0, 0.0
