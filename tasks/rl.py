@@ -30,9 +30,9 @@ from typing import Any
 from foresight_core.config import PipelineConfig
 from foresight_core.storage import join_uri, load_manifest, read_rows
 from foresight_tasks.runtime import setup_env
-from foresight_tasks.tracking import MlflowTracker, find_runs, stage_params, start_run, tracking_uri
+from foresight_tasks.tracking import MlflowTracker, find_runs, tracking_uri
 from foresight_tasks.train import MODEL_ARTIFACT, StageInputError, fit_stage, local_model_dir, \
-    resolve_dataset, stage_key
+    open_stage_run, resolve_dataset, stage_key
 
 STAGE = "fc_rl"
 
@@ -151,19 +151,8 @@ def run_fc_rl_stage(cfg: PipelineConfig, init_model_uri: str | None, task_set_ur
     eval_tasks = eval_tasks[::max(1, len(eval_tasks) // max(1, rl.n_eval_tasks))][:rl.n_eval_tasks]
 
     # ---- the MLflow run: continue an unfinished one with this key, else a new nested run
-    unfinished = _find_run(cfg, key, "RUNNING") or _find_run(cfg, key, "FAILED")
-    input_tags = {"foresight.run_key": key, "foresight.input.dataset": data_uri,
-                  "foresight.input.dataset_sha256": data_sha, "foresight.input.corpus_manifest": manifest_uri or "",
-                  "foresight.input.init_model": init_model_uri or f"base:{cfg.model.source}"}
-    if init_model_uri and init_model_uri.startswith("runs:/"):
-        input_tags["foresight.input.init_run_id"] = init_model_uri.split("/")[1]
-    if unfinished is not None:
-        tracker = MlflowTracker(uri, unfinished.info.run_id)
-        tracker.client.update_run(tracker.run_id, status="RUNNING")
-    else:
-        tracker = start_run(cfg, f"{STAGE}-{key[:8]}", STAGE, parent_run_id, tags=input_tags)
-        tracker.log_params(stage_params(cfg, STAGE, "model", "seed"))
-        tracker.log_dataset(data_uri, name="rl_tasks", digest=data_sha, context=STAGE, n_rows=len(train_tasks))
+    tracker = open_stage_run(cfg, STAGE, key, data_uri, data_sha, manifest_uri, init_model_uri, parent_run_id,
+                             dataset_name="rl_tasks", n_rows=len(train_tasks))
 
     # ---- the Ray Train job
     loop_config = {"cfg": cfg, "init_model_uri": init_model_uri, "train_tasks": train_tasks,

@@ -182,6 +182,30 @@ def _reference(run_id: str, stage: str, key: str, tags: dict[str, str], metrics:
             "checkpoint": tags.get("foresight.output.checkpoint"), "metrics": metrics, "reused": reused}
 
 
+def open_stage_run(cfg: PipelineConfig, stage: str, key: str, data_uri: str, data_sha: str, manifest_uri: str | None,
+                   init_model_uri: str | None, parent_run_id: str | None, dataset_name: str,
+                   n_rows: int | None = None) -> MlflowTracker:
+    """The stage's MLflow run: an unfinished one (RUNNING / FAILED) with this key is continued, else a new run
+    nested under ``parent_run_id`` gets the input tags, the stage's params and its dataset input."""
+    uri = tracking_uri(cfg)
+    unfinished = _find_run(cfg, stage, key, "RUNNING") or _find_run(cfg, stage, key, "FAILED")
+    if unfinished is not None:
+        tracker = MlflowTracker(uri, unfinished.info.run_id)
+        tracker.client.update_run(tracker.run_id, status="RUNNING")
+        return tracker
+    input_tags = {"foresight.run_key": key, "foresight.input.dataset": data_uri,
+                  "foresight.input.dataset_sha256": data_sha,
+                  "foresight.input.corpus_manifest": manifest_uri or "",
+                  "foresight.input.init_model": init_model_uri or f"base:{cfg.model.source}"}
+    if init_model_uri and init_model_uri.startswith("runs:/"):
+        input_tags["foresight.input.init_run_id"] = init_model_uri.split("/")[1]
+    tracker = start_run(cfg, f"{stage}-{key[:8]}", stage, parent_run_id, tags=input_tags)
+    tracker.log_params(stage_params(cfg, stage, "model", "seed"))
+    extra = {} if n_rows is None else {"n_rows": n_rows}
+    tracker.log_dataset(data_uri, name=dataset_name, digest=data_sha, context=stage, **extra)
+    return tracker
+
+
 def fit_stage(worker: Any, loop_config: dict[str, Any], cfg: PipelineConfig, stage: str, key: str, scaling: Any,
               keep_checkpoints: int, tracker: MlflowTracker) -> tuple[Any, dict[str, str]]:
     """Run ``worker`` on every rank of a ``TorchTrainer`` (the training stages' one launch path).
@@ -246,20 +270,8 @@ def run_sft_stage(stage: str, cfg: PipelineConfig, corpus_uri: str, init_model_u
         return _reference(done.info.run_id, stage, key, done.data.tags, done.data.metrics, reused=True)
 
     # ---- the MLflow run: continue an unfinished one with this key, else a new nested run
-    unfinished = _find_run(cfg, stage, key, "RUNNING") or _find_run(cfg, stage, key, "FAILED")
-    input_tags = {"foresight.run_key": key, "foresight.input.dataset": data_uri,
-                  "foresight.input.dataset_sha256": data_sha,
-                  "foresight.input.corpus_manifest": manifest_uri or "",
-                  "foresight.input.init_model": init_model_uri or f"base:{cfg.model.source}"}
-    if init_model_uri and init_model_uri.startswith("runs:/"):
-        input_tags["foresight.input.init_run_id"] = init_model_uri.split("/")[1]
-    if unfinished is not None:
-        tracker = MlflowTracker(uri, unfinished.info.run_id)
-        tracker.client.update_run(tracker.run_id, status="RUNNING")
-    else:
-        tracker = start_run(cfg, f"{stage}-{key[:8]}", stage, parent_run_id, tags=input_tags)
-        tracker.log_params(stage_params(cfg, stage, "model", "seed"))
-        tracker.log_dataset(data_uri, name=stage, digest=data_sha, context=stage)
+    tracker = open_stage_run(cfg, stage, key, data_uri, data_sha, manifest_uri, init_model_uri, parent_run_id,
+                             dataset_name=stage)
 
     # ---- the Ray Train job
     result, output_tags = fit_stage(_sft_worker, {"cfg": cfg, "stage": stage, "data_uri": data_uri,
