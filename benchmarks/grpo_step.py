@@ -48,8 +48,6 @@ def gsm_reward(completion: str, answer: str) -> float:
 
 
 def run_ours(a: argparse.Namespace) -> dict:
-    import torch
-
     from foresight_core.config import FCRLConfig, ModelConfig
     from foresight_core.fc_rl import train_fc_rl
     from foresight_core.models import compute_dtype, load_model

@@ -104,8 +104,12 @@ def _get(data: Any, dotted: str) -> Any:
 
 
 def _stage_refs(stage: str, ref: dict[str, Any]) -> dict[str, str]:
-    return {f"{stage}.model_uri": str(ref["model_uri"]), f"{stage}.run_id": str(ref["run_id"]),
-            f"{stage}.reused": str(ref["reused"]).lower()}
+    """The stage's references, and its format-capability check (``check/*`` metrics), which the CLI prints."""
+    out = {f"{stage}.model_uri": str(ref["model_uri"]), f"{stage}.run_id": str(ref["run_id"]),
+           f"{stage}.reused": str(ref["reused"]).lower()}
+    out.update({f"{stage}.{k}": f"{v:.4g}" for k, v in sorted((ref.get("metrics") or {}).items())
+                if k.startswith("check/")})
+    return out
 
 
 @task(name="wm_amt", cache_policy=NO_CACHE)

@@ -14,11 +14,16 @@ checkpoint under ``--out``::
 
     python -m foresight_core.sft --preset tiny --stage wm_amt --data corpus/wm_amt.jsonl --out runs/wm_amt
 
+With ``<stage>.format_check_tasks`` > 0 and ``--check-tasks`` (a corpus folder, whose eval/* sets are
+used, or a task file), the saved final model then plays that many held-out tasks: the format-capability
+check of ``foresight_core.capability`` (``check/*`` metrics: format adherence, grounding, ECE, Brier).
+
 Under Ray Train (``foresight_tasks.train``) the same ``train`` runs in every worker: it sees the
-process group that TorchTrainer set up, wraps the model in DDP, shards rows by rank, all-reduces
-its metrics, and hands each checkpoint folder to the ``on_checkpoint`` hook (which reports it to
-Ray). Resuming is one code path: ``resume_from`` = a checkpoint folder (the latest one under
-``--out``, or ``ray.train.get_checkpoint()``); a fresh start is ``resume_from=None``.
+process group that TorchTrainer set up, wraps the model in DDP (or shards it with FSDP2 when
+``scaling.strategy`` is fsdp), shards rows by rank, all-reduces its metrics, and hands each
+checkpoint folder to the ``on_checkpoint`` hook (which reports it to Ray). Resuming is one code
+path: ``resume_from`` = a checkpoint folder (the latest one under ``--out``, or
+``ray.train.get_checkpoint()``); a fresh start is ``resume_from=None``.
 
 Data rows (JSONL or Parquet; ``foresight_core.storage.read_rows``), one of:
 - a trajectory: a corpus row ``{"kind": "trajectory", "trajectory": Trajectory.to_dict(), ...}`` or a
@@ -42,7 +47,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +59,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from foresight_core.config.train import SFTConfig
+from foresight_core.fsdp import (gather_model, gather_training_state, is_sharded, load_sharded_state, shard_model,
+                                 trainable_state)
 from foresight_core.models import save_model, unwrap
 from foresight_core.packing import IGNORE, LMSample, Packed, pack
 from foresight_core.tracking import NullTracker, Tracker
@@ -285,17 +292,18 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that train (all of them, or the LoRA adapters): what a checkpoint must hold."""
-    return {n: p.detach() for n, p in unwrap(model).named_parameters() if p.requires_grad}
+def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, state: dict[str, Any], *,
+                    model_state: dict[str, torch.Tensor] | None = None,
+                    optimizer_state: dict[str, Any] | None = None) -> Path:
+    """Write ``path/trainer_state.pt`` through a temporary folder and a rename (never half a checkpoint).
 
-
-def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, state: dict[str, Any]) -> Path:
-    """Write ``path/trainer_state.pt`` through a temporary folder and a rename (never half a checkpoint)."""
+    ``model_state`` / ``optimizer_state``: already gathered states (FSDP: ``gather_training_state``, which
+    every rank calls before rank 0 writes); None: taken from ``model`` and ``optimizer`` (one process, DDP)."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    torch.save({"model": trainable_state(model), "optimizer": optimizer.state_dict(),
+    torch.save({"model": trainable_state(model) if model_state is None else model_state,
+                "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
                 "scheduler": scheduler.state_dict(), **state}, tmp / CHECKPOINT_FILE)
     (tmp / "meta.json").write_text(json.dumps({k: state[k] for k in ("step", "micro_step", "metrics")}, indent=2))
     shutil.rmtree(path, ignore_errors=True)
@@ -313,8 +321,11 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, schedu
     if set(ckpt["model"]) != expected:
         missing, extra = sorted(expected - set(ckpt["model"])), sorted(set(ckpt["model"]) - expected)
         raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
-    unwrap(model).load_state_dict(ckpt["model"], strict=False)
-    optimizer.load_state_dict(ckpt["optimizer"])
+    if is_sharded(model):  # FSDP: every rank read the full state; each keeps its own shards of it
+        load_sharded_state(model, optimizer, ckpt["model"], ckpt["optimizer"])
+    else:
+        unwrap(model).load_state_dict(ckpt["model"], strict=False)
+        optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     return ckpt
 
@@ -370,15 +381,24 @@ def evaluate(loss_fn: CausalLMLoss, data: Packed, cfg: SFTConfig, rank: int, wor
     loss_fn.eval()
     n = len(data) if cfg.max_eval_rows is None else min(len(data), cfg.max_eval_rows)
     mine = list(range(rank, n, world))
+    sharded = is_sharded(loss_fn)  # FSDP: loss_fn is the root
+    # FSDP gathers parameters in every forward, a collective: all ranks run as many batches as rank 0
+    # (which has the most rows); a rank out of rows runs its first row again and drops the result
+    n_batches = math.ceil(math.ceil(n / world) / cfg.batch_size) if sharded else math.ceil(len(mine) / cfg.batch_size)
     sums = [0.0, 0.0, 0.0, 0.0]  # loss sum, loss count, wm sum, wm count
-    for i in range(0, len(mine), cfg.batch_size):
-        b = {k: v.to(device) for k, v in data.batch(mine[i:i + cfg.batch_size]).items()}
+    for i in range(0, n_batches * cfg.batch_size, cfg.batch_size):
+        rows = mine[i:i + cfg.batch_size]
+        b = {k: v.to(device) for k, v in data.batch(rows or [0]).items()}
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             out = loss_fn(b["input_ids"], b["position_ids"], {"loss": b["labels"], "wm": b["labels_wm"]})
+        if not rows:
+            continue
         sums[0] += out["loss"].item()
         sums[1] += (b["labels"] != IGNORE).sum().item()
         sums[2] += out["wm"].item()
         sums[3] += (b["labels_wm"] != IGNORE).sum().item()
+    if sharded:
+        loss_fn.reshard()  # the root keeps its gathered parameters after a forward; shard them again
     ls, lc, ws, wc = _all_reduce(sums, device)
     loss_fn.train(was_training)
     metrics = {"eval_loss": ls / lc} if lc else {}
@@ -396,6 +416,8 @@ def train(model: nn.Module, tokenizer, data: SFTData, cfg: SFTConfig, out_dir: s
     ``out_dir`` gets ``checkpoints/step_N`` (rank 0) and the final HF model in ``model/``.
     ``on_checkpoint(path or None, metrics)`` is called on every rank after each checkpoint
     (the path on rank 0). ``resume_from``: a checkpoint folder to continue from.
+    With a process group, ``cfg.scaling.strategy`` picks DDP or FSDP (``model`` is then sharded in
+    place: its parameters become DTensors); one process ignores it.
     """
     tracker = tracker or NullTracker()
     out_dir = Path(out_dir)
@@ -403,6 +425,7 @@ def train(model: nn.Module, tokenizer, data: SFTData, cfg: SFTConfig, out_dir: s
     # ---- distributed: a process group exists under Ray Train / torchrun; else one process
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    fsdp = distributed and cfg.scaling.strategy == "fsdp"
     device = next(model.parameters()).device
     master = rank == 0
     say = print if (verbose and master) else (lambda *a, **k: None)
@@ -416,7 +439,10 @@ def train(model: nn.Module, tokenizer, data: SFTData, cfg: SFTConfig, out_dir: s
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     loss_fn = CausalLMLoss(model, cfg.loss_chunk, dtype)
-    if distributed:
+    if fsdp:
+        shard_model(loss_fn, device)  # in place: loss_fn is the FSDP root
+        ddp = loss_fn
+    elif distributed:
         ddp = nn.parallel.DistributedDataParallel(loss_fn, device_ids=[device.index] if device.type == "cuda" else None)
     else:
         ddp = loss_fn
@@ -455,10 +481,12 @@ def train(model: nn.Module, tokenizer, data: SFTData, cfg: SFTConfig, out_dir: s
         else:
             rng = [_rng_state()]
         path = None
+        model_state, optimizer_state = gather_training_state(model, optimizer) if fsdp else (None, None)
         if master:
             path = save_checkpoint(out_dir / "checkpoints" / f"step_{step:06d}", model, optimizer, scheduler,
                                    {"step": step, "micro_step": micro_step, "rng": rng, "world_size": world,
-                                    "seed": seed, "metrics": metrics, "config": cfg.model_dump(mode="json")})
+                                    "seed": seed, "metrics": metrics, "config": cfg.model_dump(mode="json")},
+                                   model_state=model_state, optimizer_state=optimizer_state)
         if on_checkpoint is not None:
             on_checkpoint(path, {"step": step, **metrics})
         if master:  # keep the newest few locally
@@ -490,13 +518,15 @@ def train(model: nn.Module, tokenizer, data: SFTData, cfg: SFTConfig, out_dir: s
         for a, b in enumerate(batches):
             b = {k: v.to(device) for k, v in b.items()}
             sync = a == cfg.grad_accum - 1
-            with ddp.no_sync() if (distributed and not sync) else nullcontext():
+            # DDP: all-reduce once, on the last micro-batch. FSDP: reduce-scatter every micro-batch
+            with ddp.no_sync() if (distributed and not fsdp and not sync) else nullcontext():
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                     nll = ddp(b["input_ids"], b["position_ids"], {"loss": b["labels"]})["loss"]  # scalar sum
-                # DDP averages gradients over ranks, so scale by world to get sum / n_targets overall
+                # DDP and FSDP average gradients over ranks, so scale by world to get sum / n_targets overall
                 (nll * (world / max(n_targets, 1.0))).backward()
             loss_sum += nll.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)  # FSDP: the norm of the whole model
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
         lr = scheduler.get_last_lr()[0]  # the lr of this step
         optimizer.step()
         scheduler.step()
@@ -521,8 +551,9 @@ def train(model: nn.Module, tokenizer, data: SFTData, cfg: SFTConfig, out_dir: s
 
     # ---- the final model, in Hugging Face format
     model_dir = None
+    whole = gather_model(model) if fsdp else model
     if master:
-        model_dir = save_model(model, tokenizer, out_dir / "model")
+        model_dir = save_model(whole, tokenizer, out_dir / "model")
     if distributed:
         dist.barrier()
     return SFTResult(step=step, metrics=last, history=history, model_dir=model_dir,
@@ -534,10 +565,13 @@ def train(model: nn.Module, tokenizer, data: SFTData, cfg: SFTConfig, out_dir: s
 
 def run_sft(cfg, stage: str, data_uri: str, out_dir: str | os.PathLike, *, init_model: str | None = None,
             tracker: Tracker | None = None, on_checkpoint: OnCheckpoint | None = None,
-            resume_from: str | os.PathLike | None = None, verbose: bool = True) -> SFTResult:
+            resume_from: str | os.PathLike | None = None, verbose: bool = True,
+            check_task_uris: Sequence[str] = ()) -> SFTResult:
     """Stage ``stage`` ("wm_amt" | "fe_sft") of the ``PipelineConfig`` ``cfg`` on the rows at ``data_uri``.
 
     ``init_model``: an HF folder to start from (the previous stage's output); None: ``cfg.model``.
+    ``check_task_uris``: held-out task files for the format-capability check (``check_final_model``), run on
+    rank 0 from the saved final model when ``<stage>.format_check_tasks`` > 0.
     """
     from foresight_core.models import compute_dtype, load_model
     from foresight_core.storage import read_rows
@@ -554,8 +588,37 @@ def run_sft(cfg, stage: str, data_uri: str, out_dir: str | os.PathLike, *, init_
                         seed=cfg.seed, source=data_uri)
     if tracker is not None and (not dist.is_initialized() or dist.get_rank() == 0):
         tracker.log_params({f"data.{k}": v for k, v in data.info.items()})
-    return train(model, tokenizer, data, stage_cfg, out_dir, seed=cfg.seed, dtype=compute_dtype(model_cfg, str(device)),
-                 tracker=tracker, on_checkpoint=on_checkpoint, resume_from=resume_from, verbose=verbose)
+    result = train(model, tokenizer, data, stage_cfg, out_dir, seed=cfg.seed,
+                   dtype=compute_dtype(model_cfg, str(device)), tracker=tracker, on_checkpoint=on_checkpoint,
+                   resume_from=resume_from, verbose=verbose)
+    if stage_cfg.format_check_tasks and check_task_uris and result.model_dir is not None:
+        del model, data  # the check loads the saved model: free the training copy first
+        check_final_model(cfg, stage, result, check_task_uris, device, tracker, verbose)
+    return result
+
+
+def check_final_model(cfg, stage: str, result: SFTResult, task_uris: Sequence[str],
+                      device: torch.device | str = "cpu", tracker: Tracker | None = None,
+                      verbose: bool = True) -> dict[str, float]:
+    """The stage's format-capability check (``foresight_core.capability``) on ``result.model_dir``: its
+    metrics, as ``check/<name>``, logged at the final step and added to ``result.metrics``. A check that
+    fails (bad task rows, an environment error) is reported and tagged, never fails the stage."""
+    from foresight_core.capability import run_format_check, summary_line
+
+    try:
+        raw = run_format_check(cfg, stage, result.model_dir, task_uris, str(device))
+    except Exception as e:  # bad task rows, a broken environment: the trained model is kept either way
+        message = f"{stage} format check failed, the trained model is kept: {e!r}"
+        print(message)
+        (tracker or NullTracker()).set_tags({"foresight.check.error": message[:5000]})
+        return {}
+    check = {f"check/{k}": v for k, v in raw.items()}
+    (tracker or NullTracker()).log_metrics(check, step=result.step)
+    result.metrics.update(check)
+    result.history.append({"step": result.step, **check})
+    if verbose:
+        print(f"{stage} format check: {summary_line(raw)}")
+    return check
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -569,10 +632,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="JSONL / Parquet rows (local path or s3://)")
     p.add_argument("--out", required=True, help="output folder: checkpoints/ and model/")
     p.add_argument("--init-model", default=None, help="HF folder to start from (default: the config's model)")
+    p.add_argument("--check-tasks", default=None,
+                   help="held-out tasks for the format check (<stage>.format_check_tasks > 0): a corpus folder "
+                        "(its eval/* sets) or a JSONL / Parquet task file")
     args = p.parse_args(argv)
     cfg = load_config(args.preset, args.config, args.overrides)
+    check_uris: list[str] = []
+    if args.check_tasks:
+        from foresight_core.capability import held_out_task_uris
+
+        check_uris = held_out_task_uris(args.check_tasks, cfg.infra.storage)
+        if not check_uris:
+            p.error(f"--check-tasks {args.check_tasks}: neither a task file nor a corpus folder with eval/* sets")
     result = run_sft(cfg, args.stage, args.data, args.out, init_model=args.init_model,
-                     resume_from=latest_checkpoint(Path(args.out) / "checkpoints"))
+                     resume_from=latest_checkpoint(Path(args.out) / "checkpoints"), check_task_uris=check_uris)
     print(json.dumps({"model_dir": str(result.model_dir), "step": result.step,
                       "tokens_per_s": round(result.tokens_per_s, 1), **result.metrics}, indent=2))
     return 0

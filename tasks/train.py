@@ -22,7 +22,10 @@ What one call does:
    from ``ray.train.get_checkpoint()`` and resumes through the loop's one code path.
 4. Rank 0 logs per-step metrics (loss, lr, tokens/s, grad norm, eval losses) to the MLflow run
    from inside the loop (an explicit ``MlflowClient``, no Tune callback) and, at the end, the
-   final model in Hugging Face format as the run's ``model`` artifact.
+   final model in Hugging Face format as the run's ``model`` artifact. With
+   ``<stage>.format_check_tasks`` > 0 it then plays that many of the corpus's held-out tasks with the
+   saved model (``foresight_core.capability``; the task files reach it as URIs) and logs ``check/*``
+   (format adherence, grounding, ECE, Brier) at the final step; they are in the reference's ``metrics``.
 5. Tags link inputs to outputs: ``foresight.input.*`` (corpus manifest, dataset and its sha256,
    starting model, its run) and ``foresight.output.*`` (model URI, Ray checkpoint).
 
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -45,6 +49,8 @@ from foresight_core.config import PipelineConfig
 from foresight_core.storage import join_uri, load_manifest, sha256_file
 from foresight_tasks.runtime import init_ray, is_local_uri, local_path, setup_env
 from foresight_tasks.tracking import MlflowTracker, find_runs, stage_params, start_run, tracking_uri
+
+log = logging.getLogger(__name__)
 
 SFT_STAGES = ("wm_amt", "fe_sft")
 MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=100000000000"
@@ -153,7 +159,8 @@ def _sft_worker(config: dict[str, Any]) -> None:
 
         def run(resume_from: str | None):
             return run_sft(cfg, stage, config["data_uri"], work / "out", init_model=init_model, tracker=tracker,
-                           on_checkpoint=report, resume_from=resume_from, verbose=rank == 0)
+                           on_checkpoint=report, resume_from=resume_from, verbose=rank == 0,
+                           check_task_uris=config.get("check_task_uris", ()))
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
@@ -217,8 +224,8 @@ def fit_stage(worker: Any, loop_config: dict[str, Any], cfg: PipelineConfig, sta
     from ray.train.torch import TorchTrainer
 
     init_ray(cfg.infra.ray)
-    if scaling.strategy == "fsdp":
-        raise NotImplementedError(f"{stage}.scaling.strategy 'fsdp' is not implemented yet; use 'ddp'")
+    if scaling.strategy == "fsdp" and stage not in SFT_STAGES:  # FCRLConfig refuses it too
+        raise ValueError(f"{stage}.scaling.strategy 'fsdp' is supported by {SFT_STAGES} only; use 'ddp'")
     env_vars = {"OMP_NUM_THREADS": str(cfg.num_threads or scaling.cpus_per_worker)}
     if scaling.malloc_tuning:
         env_vars["GLIBC_TUNABLES"] = MALLOC_TUNABLES
@@ -269,6 +276,15 @@ def run_sft_stage(stage: str, cfg: PipelineConfig, corpus_uri: str, init_model_u
     if done is not None:
         return _reference(done.info.run_id, stage, key, done.data.tags, done.data.metrics, reused=True)
 
+    # ---- the held-out tasks of the format-capability check, by reference (file URIs)
+    check_uris: list[str] = []
+    if stage_cfg.format_check_tasks:
+        from foresight_core.capability import held_out_task_uris
+
+        check_uris = held_out_task_uris(corpus_uri, cfg.infra.storage)
+        if not check_uris:
+            log.warning("%s: %s has no eval/* task sets; the format check is skipped", stage, corpus_uri)
+
     # ---- the MLflow run: continue an unfinished one with this key, else a new nested run
     tracker = open_stage_run(cfg, stage, key, data_uri, data_sha, manifest_uri, init_model_uri, parent_run_id,
                              dataset_name=stage)
@@ -276,7 +292,10 @@ def run_sft_stage(stage: str, cfg: PipelineConfig, corpus_uri: str, init_model_u
     # ---- the Ray Train job
     result, output_tags = fit_stage(_sft_worker, {"cfg": cfg, "stage": stage, "data_uri": data_uri,
                                                   "init_model_uri": init_model_uri, "tracking_uri": uri,
-                                                  "run_id": tracker.run_id},
+                                                  "run_id": tracker.run_id, "check_task_uris": check_uris},
                                     cfg, stage, key, stage_cfg.scaling, stage_cfg.keep_checkpoints, tracker)
     metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    if check_uris:  # logged by rank 0 after its last report to Ray: read back from the run
+        run_metrics = tracker.client.get_run(tracker.run_id).data.metrics
+        metrics.update({k: float(v) for k, v in run_metrics.items() if k.startswith("check/")})
     return _reference(tracker.run_id, stage, key, output_tags, metrics, reused=False)

@@ -31,6 +31,12 @@ def test_tiny_pipeline_end_to_end_then_ablation(prefect_server, ray_local, tiny_
     assert runs["fe_sft"].data.tags["foresight.input.init_model"] == refs["wm_amt.model_uri"]
     assert runs["fc_rl"].data.tags["foresight.input.init_model"] == refs["fe_sft.model_uri"]
     assert runs["eval"].data.tags["foresight.input.model"] == refs["fc_rl.model_uri"]
+    # FE-SFT's format-capability check (tiny preset: 2 held-out tasks) is in its run and in the refs
+    fe = runs["fe_sft"].data.metrics
+    assert fe["check/n_tasks"] == 2 and 0.0 <= fe["check/format_rate"] <= 1.0
+    assert {"check/search_world/format_rate", "check/gsm_symbolic/format_rate"} <= set(fe)
+    assert float(refs["fe_sft.check/format_rate"]) == pytest.approx(fe["check/format_rate"], abs=1e-3)
+    assert not any(k.startswith("check/") for k in runs["wm_amt"].data.metrics)
     # the evaluation report covers both held-out sets in both modes
     m = runs["eval"].data.metrics
     for bench in ("search_world", "gsm_symbolic"):

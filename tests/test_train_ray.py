@@ -32,11 +32,17 @@ def write_corpus(root: Path) -> str:
     uri = str(root / "corpus")
     rows = [{"kind": "trajectory", "split": "wm_amt", "annotated": True, "trajectory": trajectory(i)}
             for i in range(24)] + [{"kind": "text", "split": "wm_amt", "text": "Item 3 is a red thing."}]
+    held_out = [Task("sw-0", "search", "Who founded the institute?", ["x"], {"world_seed": 7, "n_entities": 24}),
+                Task("m-0", "math", "What is 2 + 2?", ["4"])]
     with DatasetWriter(uri) as w:
         w.write_rows("wm_amt.jsonl", rows)
         w.write_rows("fe_sft.jsonl", [{**r, "split": "fe_sft"} for r in rows[:12]])
+        w.write_rows("eval/search_world.jsonl", [held_out[0].to_dict()])
+        w.write_rows("eval/gsm_symbolic.jsonl", [held_out[1].to_dict()])
         w.commit({"stage": "corpus", "datasets": {"wm_amt": {"file": "wm_amt.jsonl"},
-                                                   "fe_sft": {"file": "fe_sft.jsonl"}}})
+                                                   "fe_sft": {"file": "fe_sft.jsonl"},
+                                                   "eval/search_world": {"file": "eval/search_world.jsonl"},
+                                                   "eval/gsm_symbolic": {"file": "eval/gsm_symbolic.jsonl"}}})
     return uri
 
 
@@ -82,9 +88,18 @@ def test_two_worker_stages_chain_through_mlflow_and_are_reused(tmp_path: Path, m
 
     local = mlflow.artifacts.download_artifacts(fe["model_uri"], dst_path=str(tmp_path / "dl"), tracking_uri=mlflow_uri)
     assert AutoModelForCausalLM.from_pretrained(local).config.hidden_size == 32  # loadable HF folder
+    # the format-capability check (tiny preset: FE-SFT only, 2 held-out tasks) at the final step, in the reference
+    check = {k: v for k, v in fe_run.data.metrics.items() if k.startswith("check/")}
+    assert check["check/n_tasks"] == 2 and 0.0 <= check["check/format_rate"] <= 1.0
+    assert {"check/valid_turn_rate", "check/success_rate", "check/search_world/format_rate",
+            "check/gsm_symbolic/success_rate"} <= set(check)
+    assert [m.step for m in client.get_metric_history(fe["run_id"], "check/format_rate")] == [2]
+    assert {k: fe["metrics"][k] for k in check} == check
+    assert not any(k.startswith("check/") for k in run.data.metrics)  # WM-AMT: off
 
     again = run_sft_stage("fe_sft", cfg, corpus, init_model_uri=wm["model_uri"], parent_run_id=parent.run_id)
     assert again["reused"] and again["run_id"] == fe["run_id"]
+    assert {k: again["metrics"][k] for k in check} == check
     n_runs = len(client.search_runs([run.info.experiment_id]))
     assert n_runs == 3  # pipeline + two stages; the reuse started nothing
 

@@ -116,6 +116,9 @@ class FCRLConfig(StrictModel):
             raise ValueError("fc_rl.engine 'vllm' needs fc_rl.scaling.use_gpu: true")
         if self.turn_format == "raw" and self.max_turns not in (None, 1):
             raise ValueError("fc_rl.turn_format 'raw' is single-turn: leave max_turns unset or 1")
+        if self.scaling.strategy == "fsdp":
+            raise ValueError("fc_rl.scaling.strategy 'fsdp' is not supported: the learner's own (unsharded) "
+                             "module generates the rollouts (engine 'hf') and feeds the vLLM weight sync; use 'ddp'")
         return self
 
     def omega(self, env: str) -> float:

@@ -15,7 +15,10 @@ class ScalingConfig(StrictModel):
     use_gpu: bool = False
     """One GPU per worker."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
-    """ddp everywhere; fsdp (GPUs) for models that do not fit one device."""
+    """ddp: every worker holds the whole model (CPU and GPU). fsdp: PyTorch FSDP2, parameters, gradients and
+    optimiser state sharded over the workers (one unit per decoder layer), for models that do not fit one
+    GPU; it also runs on CPU (gloo). WM-AMT and FE-SFT only (FC-RL refuses it). Checkpoints are the same
+    files under either, so a run may resume under the other."""
     max_failures: int = Field(default=1, ge=0)
     """Ray FailureConfig: restarts from the last checkpoint before the stage fails."""
     cpus_per_worker: int = Field(default=1, ge=1)
@@ -72,6 +75,14 @@ class SFTConfig(StrictModel):
     """Cap on packed held-out rows per evaluation (None: all of them)."""
     loss_chunk: int = Field(default=1024, ge=16)
     """Target tokens per chunk of the fused LM-head cross-entropy (bounds the logits memory)."""
+    format_check_tasks: int = Field(default=0, ge=0)
+    """Format-capability check after the stage: held-out tasks (the corpus's eval/* sets, balanced across
+    them) the final model plays once each on rank 0, in this stage's turn format; format adherence,
+    success, keyword grounding and calibration (ECE, Brier) are logged as ``check/*``. 0: off."""
+    format_check_temperature: float = Field(default=0.7, ge=0)
+    """Sampling temperature of the check's free generation (0: greedy decoding)."""
+    format_check_max_new_tokens: int = Field(default=256, ge=1)
+    """Tokens the check generates per turn; a turn that has not ended by then counts as malformed."""
     scaling: ScalingConfig = ScalingConfig()
     """Ray Train scaling."""
 
