@@ -68,22 +68,43 @@ class RolloutEngine(Protocol):
 # Hugging Face generate engine
 
 
-def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """(B, V) log-probabilities of the distribution a token is sampled from: logits / temperature,
-    then top-p (the smallest set of tokens whose mass reaches ``top_p``, the top one always kept).
-    Temperature 0 (greedy) records log-probabilities at temperature 1."""
-    logp = torch.log_softmax(logits.float() / (temperature or 1.0), dim=-1)
-    if top_p < 1.0:
-        sorted_lp, idx = logp.sort(dim=-1, descending=True)
-        drop = sorted_lp.exp().cumsum(-1) - sorted_lp.exp() >= top_p
-        logp = logp.scatter(1, idx, sorted_lp.masked_fill(drop, float("-inf")))
-        logp = torch.log_softmax(logp, dim=-1)
-    return logp
+class _SampledLogprobs:
+    """The one logits processor of our ``generate`` calls: temperature and top-p, and a record of
+    log p(sampled token) that never keeps (steps, B, V) scores.
+
+    HF is asked for plain sampling (temperature 1, no top-k/top-p) and this processor does the
+    warping, so the recorded distribution is exactly the one sampled from. Called at step k with ids
+    ending in the token sampled at step k-1, it gathers that token's log-probability from the
+    distribution of step k-1; ``finish`` gathers the last one.
+    """
+
+    def __init__(self, temperature: float, top_p: float) -> None:
+        # temperature 0 is greedy decoding: HF takes the argmax, the recorded log-probs are at temperature 1
+        self.temperature, self.top_p = (temperature or 1.0), top_p
+        self.prev: torch.Tensor | None = None  # (B, V) log-probs of the last step's sampling distribution
+        self.out: list[torch.Tensor] = []  # one (B,) per generated token
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.prev is not None:
+            self.out.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
+        logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)  # (B, V)
+        if self.top_p < 1.0:  # keep the smallest set of tokens whose mass reaches top_p (the top one always)
+            sorted_lp, idx = logp.sort(dim=-1, descending=True)
+            drop = sorted_lp.exp().cumsum(-1) - sorted_lp.exp() >= self.top_p
+            logp = logp.scatter(1, idx, sorted_lp.masked_fill(drop, float("-inf")))
+            logp = torch.log_softmax(logp, dim=-1)
+        self.prev = logp
+        return logp
+
+    def finish(self, last_tokens: torch.Tensor) -> torch.Tensor:
+        assert self.prev is not None
+        self.out.append(self.prev.gather(1, last_tokens[:, None]).squeeze(1))
+        self.prev = None
+        return torch.stack(self.out, dim=1)  # (B, new_tokens)
 
 
 class HFEngine:
-    """Batched sampling with left padding, the KV cache and bf16 autocast where supported (its own
-    decode loop, ``_generate_batch``; works with any transformers causal LM).
+    """Batched ``model.generate`` with left padding, the KV cache and bf16 autocast where supported.
 
     The engine holds the learner's own module, so weight sync is free (``shares_weights``). Prompts
     are sorted by length and cut into batches of ``max_batch`` sequences to bound padding and memory.
@@ -98,10 +119,6 @@ class HFEngine:
         self.eos_id = tokenizer.eos_token_id
         self.autocast_dtype = autocast_dtype
         self.max_batch = max_batch
-        import inspect
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the wrapped model
-        forward = inspect.signature(type(base).forward).parameters
-        self._cache_kw = "cache" if "cache" in forward else "past_key_values"
 
     def load_weights(self, weights: Mapping[str, torch.Tensor] | str) -> None:
         """Copy weights into the engine's module (a state dict, or a folder saved with save_pretrained)."""
@@ -126,65 +143,33 @@ class HFEngine:
         return out  # type: ignore[return-value]
 
     def _generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
-        """Prefill, then one forward per new token over the rows still going, with the KV cache.
-
-        Our own loop rather than ``model.generate``: it samples from ``sampling_logprobs`` and keeps the
-        log-probability of each sampled token as it goes, and it drops finished rows from the batch
-        (and the cache) once a quarter of them are done, so the tail of long generations runs small.
-        """
+        from transformers import GenerationConfig, LogitsProcessorList
         device = next(self.model.parameters()).device
-        B, width = len(prompts), max(len(p) for p in prompts)
-        ids = torch.full((B, width), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((B, width), dtype=torch.long)
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(prompts), width), dtype=torch.long)
         for r, p in enumerate(prompts):  # left padding: every prompt ends at the same column
             ids[r, width - len(p):] = torch.tensor(p)
             attn[r, width - len(p):] = 1
-        ids, attn = ids.to(device), attn.to(device)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        stops = torch.tensor(params.stop_token_ids or [self.eos_id], device=device)
-        tokens = torch.full((B, params.max_new_tokens), self.pad_id, dtype=torch.long, device=device)
-        logprobs = torch.zeros((B, params.max_new_tokens), device=device)
-        lengths = torch.zeros(B, dtype=torch.long, device=device)
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
-        rows = torch.arange(B, device=device)  # the batch rows in the cache, in cache order
-        done = torch.zeros(B, dtype=torch.bool, device=device)  # of those rows: stopped (not yet dropped)
+        stops = params.stop_token_ids or [self.eos_id]
+        gen_cfg = GenerationConfig(do_sample=params.temperature > 0, temperature=1.0, top_p=1.0, top_k=0,
+                                   max_new_tokens=params.max_new_tokens, eos_token_id=stops,
+                                   pad_token_id=self.pad_id, use_cache=True)
+        rec = _SampledLogprobs(params.temperature, params.top_p)
         autocast = (torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
                     else contextlib.nullcontext())
         with autocast:
-            logits, cache = self._forward(ids, attn, pos, None)
-        for t in range(params.max_new_tokens):
-            logp = sampling_logprobs(logits, params.temperature, params.top_p)  # (rows, V)
-            nxt = logp.argmax(-1) if params.temperature == 0 else torch.multinomial(logp.exp(), 1).squeeze(1)
-            going = ~done
-            tokens[rows[going], t] = nxt[going]
-            logprobs[rows[going], t] = logp.gather(1, nxt[:, None]).squeeze(1)[going]
-            lengths[rows[going]] = t + 1
-            stop = going & torch.isin(nxt, stops)
-            finished[rows[stop]] = True
-            done |= stop
-            if bool(done.all()) or t + 1 == params.max_new_tokens:
-                break
-            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-            pos = pos[:, -1:] + 1
-            if 4 * int(done.sum()) >= len(rows):  # compact: drop the stopped rows from the batch and the cache
-                idx = (~done).nonzero().squeeze(1)
-                cache.batch_select_indices(idx)
-                rows, nxt, attn, pos, done = rows[idx], nxt[idx], attn[idx], pos[idx], done[idx]
-            else:  # a stopped row runs on (nothing it samples is kept) until the next compaction
-                nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
-            with autocast:
-                logits, cache = self._forward(nxt[:, None], attn, pos, cache)
-        tokens, logprobs, lengths, finished = tokens.cpu(), logprobs.cpu(), lengths.cpu(), finished.cpu()
-        return [Generation(token_ids=tokens[r, :n].tolist(), logprobs=logprobs[r, :n].tolist(),
-                           finished=bool(finished[r])) for r, n in enumerate(lengths.tolist())]
-
-    def _forward(self, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
-        """Logits of the last position and the updated cache (``cache=`` in transformers 5, ``past_key_values=``
-        before)."""
-        kw = {self._cache_kw: cache} if cache is not None else {}
-        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1, **kw)
-        cache = getattr(out, "cache", None)
-        return out.logits[:, -1], cache if cache is not None else out.past_key_values
+            seqs = self.model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
+                                       generation_config=gen_cfg, logits_processor=LogitsProcessorList([rec]))
+        new = seqs[:, width:].cpu()  # (B, new_tokens), pad after a row's stop token
+        lps = rec.finish(seqs[:, -1]).cpu()
+        gens = []
+        for r in range(len(prompts)):
+            row = new[r].tolist()
+            end = next((j + 1 for j, t in enumerate(row) if t in stops), None)
+            n = end if end is not None else len(row)
+            gens.append(Generation(token_ids=row[:n], logprobs=lps[r, :n].tolist(), finished=end is not None))
+        return gens
 
 
 # ---------------------------------------------------------------------------------------------

@@ -182,34 +182,16 @@ def test_hf_engine_stops_at_stop_token(tok):
 
 
 def test_top_p_sampling_distribution():
-    from foresight_core.rollout import sampling_logprobs
+    from foresight_core.rollout import _SampledLogprobs
     # p = [0.5, 0.3, 0.2], top_p 0.6: mass before token 1 is 0.5 < 0.6 -> kept; before token 2 0.8 -> dropped
     # renormalised [0.5, 0.3] / 0.8 = [0.625, 0.375, 0]
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
-    assert sampling_logprobs(logits, 1.0, 0.6).exp()[0].tolist() == pytest.approx([0.625, 0.375, 0.0])
-    # temperature 0.5 squares and renormalises: [0.25, 0.09, 0.04] / 0.38
-    assert sampling_logprobs(logits, 0.5, 1.0)[0, 1].item() == pytest.approx(torch.log(torch.tensor(0.09 / 0.38)).item())
-    # greedy (temperature 0) records the temperature-1 log-probabilities
-    assert sampling_logprobs(logits, 0.0, 1.0).exp()[0].tolist() == pytest.approx([0.5, 0.3, 0.2])
-
-
-def test_hf_engine_drops_finished_rows_and_keeps_each_rows_tokens(tok):
-    """Rows that stop early are kept out of the output, then leave the batch once a quarter have stopped
-    (compaction); the others go on with the right cache rows: every row's tokens equal what that
-    prompt gives when generated alone (greedy)."""
-    model = _tiny_model()
-    engine = HFEngine(model, tok)
-    texts = ("hello there", "one two three four", "a b", "xyz", "the cat sat", "on the mat", "seven")
-    prompts = [tok.encode(t, add_special_tokens=False) for t in texts]  # 7 rows: one stop alone does not compact
-    alone = [engine.generate([p], SamplingParams(temperature=0, max_new_tokens=8))[0] for p in prompts]
-    stop = alone[1].token_ids[2]  # row 1 stops by its third token; others may too, wherever it occurs
-    batch = engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=8, stop_token_ids=[stop]))
-    for a, b in zip(alone, batch):
-        cut = a.token_ids.index(stop) + 1 if stop in a.token_ids else len(a.token_ids)
-        assert b.token_ids == a.token_ids[:cut] and b.finished == (stop in a.token_ids)
-        assert b.logprobs == pytest.approx(a.logprobs[:cut], abs=1e-4)
-    lengths = [len(b.token_ids) for b in batch]
-    assert batch[1].finished and min(lengths) < max(lengths)  # some rows left early, others went on
+    rec = _SampledLogprobs(temperature=1.0, top_p=0.6)
+    out = rec(torch.zeros(1, 1, dtype=torch.long), torch.log(torch.tensor([[0.5, 0.3, 0.2]])))
+    assert out.exp()[0].tolist() == pytest.approx([0.625, 0.375, 0.0])
+    # temperature 0.5 squares and renormalises: [0.25, 0.09, 0.04] / 0.38 ; token 1 sampled -> log(0.09/0.38)
+    rec = _SampledLogprobs(temperature=0.5, top_p=1.0)
+    rec(torch.zeros(1, 1, dtype=torch.long), torch.log(torch.tensor([[0.5, 0.3, 0.2]])))
+    assert rec.finish(torch.tensor([1])).item() == pytest.approx(torch.log(torch.tensor(0.09 / 0.38)).item())
 
 
 @pytest.mark.gpu
