@@ -13,7 +13,7 @@ MLflow, no Prefect: only the science is measured), and prints:
    tasks; format adherence, success, keyword grounding, ECE and Brier of the stated confidence);
 3. the same FE-SFT from the base model (``fe_only``) and its check: the format-capability gap;
 4. FC-RL from ``wm_fe``: held-out success, format, grounding, ECE and Brier before and after
-   (``fc_rl.n_eval_tasks`` tasks at the sampling temperature, the same draws before and after), and
+   (``fc_rl.n_eval_tasks`` tasks at the sampling temperature, same tasks and seed before and after), and
    the training wall time.
 
 Every stage's model is saved under ``--out/<name>/model``; a stage whose model is there is not

@@ -12,21 +12,13 @@ import torch
 from foresight_core.config import LoRAConfig, ModelConfig, ScalingConfig, SFTConfig
 from foresight_core.models import load_model, load_tokenizer
 from foresight_core.sft import latest_checkpoint, prepare_data, train
-from foresight_core.types import Action, Step, Task, Trajectory, Turn, WorldModelBlock
+from test_sft import trajectory as sft_trajectory  # the same hand-built trajectories
 
 TINY = ModelConfig(source="tiny", tiny_layers=2, tiny_hidden=32)
 
 
 def trajectory(i: int, n_steps: int) -> dict:
-    steps = []
-    for t in range(n_steps):
-        last = t == n_steps - 1
-        wm = WorldModelBlock(f"find fact {t} of item {i}", [f"Item{i}", f"Fact{t}"], "one hop left", 0.25 * (t + 1))
-        action = Action("answer", f"Fact{i}") if last else Action("search", f"item {i} fact {t}")
-        steps.append(Step(Turn(f"step {t} of item {i}", action, wm if i % 3 else None),
-                          None if last else f"Doc 1 (Item{i}): item {i} has fact {t} and more text"))
-    return Trajectory(Task(f"task-{i}", "search", f"What is the fact of item {i}?", [f"Fact{i}"]), steps,
-                      success=i % 2 == 0, score=float(i % 2 == 0)).to_dict()
+    return sft_trajectory(i, n_steps).to_dict()
 
 
 def rows(n: int = 16) -> list[dict]:
