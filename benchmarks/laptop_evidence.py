@@ -66,15 +66,13 @@ def main() -> None:
 
     import torch
 
-    from foresight_core.capability import held_out_task_uris, run_format_check, summary_line
+    from foresight_core.capability import held_out_task_uris, read_tasks, run_format_check, summary_line
     from foresight_core.config import load_config
     from foresight_core.corpus import build_corpus
     from foresight_core.envs import env_for_task
-    from foresight_core.fc_rl import train_fc_rl
+    from foresight_core.fc_rl import eval_subset, train_fc_rl
     from foresight_core.models import compute_dtype, load_model, save_model
     from foresight_core.sft import run_sft
-    from foresight_core.storage import read_rows
-    from foresight_core.types import Task
 
     torch.set_num_threads(a.threads)
     out = Path(a.out).resolve()
@@ -119,9 +117,8 @@ def main() -> None:
 
     if "fc_rl" not in a.skip:
         rl = cfg.fc_rl
-        train = [Task.from_dict(r) for r in read_rows(f"{corpus}/rl_tasks.jsonl")]
-        held = [Task.from_dict(r) for u in check_uris for r in read_rows(u)]
-        held = held[::max(1, len(held) // max(1, rl.n_eval_tasks))][:rl.n_eval_tasks]  # as the stage spreads them
+        train = read_tasks(f"{corpus}/rl_tasks.jsonl")
+        held = eval_subset([t for u in check_uris for t in read_tasks(u)], rl.n_eval_tasks)  # as the stage does
         model_cfg = cfg.model.model_copy(update={"source": "hf", "name_or_path": str(out / "wm_fe" / "model")})
         model, tok = load_model(model_cfg, "cpu", seed=cfg.seed)
         t0 = time.perf_counter()

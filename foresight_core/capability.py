@@ -66,18 +66,24 @@ def set_name(uri: str) -> str:
     return posixpath.basename(uri.rstrip("/")).split(".")[0]
 
 
-def load_task_sets(uris: Sequence[str], storage: Any = None) -> dict[str, list[Task]]:
-    """Tasks per set, named by file (``set_name``); a row that is not a task raises ``ValueError``."""
+def read_tasks(uri: str, storage: Any = None) -> list[Task]:
+    """The ``Task.to_dict()`` rows of one file; a row that is not a task raises ``ValueError`` naming it."""
     from foresight_core.storage import read_rows
 
+    tasks = []
+    for i, row in enumerate(read_rows(uri, storage)):
+        try:
+            tasks.append(Task.from_dict(row))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{uri}: row {i + 1} is not a task ({e!r})") from e
+    return tasks
+
+
+def load_task_sets(uris: Sequence[str], storage: Any = None) -> dict[str, list[Task]]:
+    """Tasks per set, named by file (``set_name``); a row that is not a task raises ``ValueError``."""
     sets: dict[str, list[Task]] = {}
     for uri in uris:
-        tasks = sets.setdefault(set_name(uri), [])
-        for i, row in enumerate(read_rows(uri, storage)):
-            try:
-                tasks.append(Task.from_dict(row))
-            except (KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{uri}: row {i + 1} is not a task ({e!r})") from e
+        sets.setdefault(set_name(uri), []).extend(read_tasks(uri, storage))
     return sets
 
 

@@ -361,6 +361,11 @@ def sample_rows(scored: Sequence[ScoredRollout], tokenizer: Any, step: int, n: i
     return rows
 
 
+def eval_subset(tasks: Sequence[Task], n: int) -> list[Task]:
+    """``n`` of ``tasks`` at an even stride, so that every held-out set (search and maths alike) is in it."""
+    return list(tasks[::max(1, len(tasks) // max(1, n))][:n])
+
+
 def evaluate(engine: RolloutEngine, bridge: ChatBridge, make_env: Callable[[Task], Env], tasks: Sequence[Task],
              cfg: FCRLConfig) -> dict[str, float]:
     """One rollout per held-out task at the training temperature: success, ECE, Brier, grounding, format."""

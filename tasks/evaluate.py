@@ -29,10 +29,11 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from foresight_core.capability import held_out_task_uris
 from foresight_core.config import PipelineConfig
 from foresight_core.evaluation import flat_metrics, modes, summarise
 from foresight_core.storage import sha256_file
-from foresight_tasks.rl import eval_task_uris, load_tasks
+from foresight_tasks.rl import load_tasks
 from foresight_tasks.runtime import init_ray, setup_env
 from foresight_tasks.tracking import find_runs, stage_params, start_run, tracking_uri
 from foresight_tasks.train import StageInputError, local_model_dir
@@ -105,7 +106,7 @@ def run_eval_stage(cfg: PipelineConfig, model_uri: str | None, corpus_uri: str,
     ``<benchmark>/<mode>/<metric>``)."""
     setup_env(cfg)
     storage = cfg.infra.storage
-    uris = eval_task_uris(corpus_uri, cfg)
+    uris = held_out_task_uris(corpus_uri, storage)
     if not uris:
         raise StageInputError(f"{corpus_uri}: the corpus has no eval/* task sets (or no complete manifest)")
     sets = {Path(u).stem: load_tasks(u, cfg) for u in uris}

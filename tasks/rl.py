@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from foresight_core.config import PipelineConfig
-from foresight_core.storage import join_uri, load_manifest, read_rows
+from foresight_core.capability import held_out_task_uris, read_tasks
+from foresight_core.fc_rl import eval_subset
 from foresight_tasks.runtime import setup_env
 from foresight_tasks.tracking import MlflowTracker, find_runs, tracking_uri
 from foresight_tasks.train import MODEL_ARTIFACT, StageInputError, fit_stage, local_model_dir, \
@@ -37,24 +38,12 @@ from foresight_tasks.train import MODEL_ARTIFACT, StageInputError, fit_stage, lo
 STAGE = "fc_rl"
 
 
-def eval_task_uris(task_set_uri: str, cfg: PipelineConfig) -> list[str]:
-    """The corpus's held-out task sets (``eval/<benchmark>`` datasets), by its manifest."""
-    manifest = load_manifest(task_set_uri, cfg.infra.storage)
-    if manifest is None:
-        return []
-    return [join_uri(task_set_uri, d["file"]) for name, d in sorted(manifest.get("datasets", {}).items())
-            if name.startswith("eval/")]
-
-
 def load_tasks(uri: str, cfg: PipelineConfig) -> list[Any]:
-    from foresight_core.types import Task
-    tasks = []
-    for i, row in enumerate(read_rows(uri, cfg.infra.storage)):
-        try:
-            tasks.append(Task.from_dict(row))
-        except (KeyError, TypeError, ValueError) as e:
-            raise StageInputError(f"{uri}: row {i + 1} is not a task ({e!r})") from e
-    return tasks
+    """The tasks of one file (``capability.read_tasks``); a bad row is a ``StageInputError`` naming it."""
+    try:
+        return read_tasks(uri, cfg.infra.storage)
+    except ValueError as e:
+        raise StageInputError(str(e)) from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,9 +135,8 @@ def run_fc_rl_stage(cfg: PipelineConfig, init_model_uri: str | None, task_set_ur
     train_tasks = load_tasks(data_uri, cfg)
     if not train_tasks:
         raise StageInputError(f"{data_uri}: the RL task set is empty")
-    eval_tasks = [t for u in eval_task_uris(task_set_uri, cfg) for t in load_tasks(u, cfg)]
-    # an even spread over the held-out sets (search and maths alike), n_eval_tasks in all
-    eval_tasks = eval_tasks[::max(1, len(eval_tasks) // max(1, rl.n_eval_tasks))][:rl.n_eval_tasks]
+    eval_tasks = [t for u in held_out_task_uris(task_set_uri, cfg.infra.storage) for t in load_tasks(u, cfg)]
+    eval_tasks = eval_subset(eval_tasks, rl.n_eval_tasks)
 
     # ---- the MLflow run: continue an unfinished one with this key, else a new nested run
     tracker = open_stage_run(cfg, STAGE, key, data_uri, data_sha, manifest_uri, init_model_uri, parent_run_id,

@@ -224,8 +224,6 @@ def fit_stage(worker: Any, loop_config: dict[str, Any], cfg: PipelineConfig, sta
     from ray.train.torch import TorchTrainer
 
     init_ray(cfg.infra.ray)
-    if scaling.strategy == "fsdp" and stage not in SFT_STAGES:  # FCRLConfig refuses it too
-        raise ValueError(f"{stage}.scaling.strategy 'fsdp' is supported by {SFT_STAGES} only; use 'ddp'")
     env_vars = {"OMP_NUM_THREADS": str(cfg.num_threads or scaling.cpus_per_worker)}
     if scaling.malloc_tuning:
         env_vars["GLIBC_TUNABLES"] = MALLOC_TUNABLES
