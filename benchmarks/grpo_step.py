@@ -170,6 +170,9 @@ def main() -> None:
     sides = {"trl": ["--side", "trl"], "ours": ["--side", "ours", "--skip-zero", "0"],
              "ours_default": ["--side", "ours", "--skip-zero", "1"]}
     runs: dict[str, list[dict]] = {k: [] for k in sides}
+    from foresight_core.models import bf16_supported, cpu_type
+
+    print(f"CPU: {cpu_type()}; dtype {'bf16 autocast' if bf16_supported('cpu') else 'fp32'} on both sides", flush=True)
     print(f"load average at start: {os.getloadavg()[0]:.1f}", flush=True)
     for rep in range(a.repeats):  # interleaved, so that a busy machine slows both sides alike
         for name, extra in sides.items():

@@ -10,7 +10,7 @@ observations is a target. Each trainer gets the same token ids and the same targ
 through ``foresight_core.sft``; TRL as a pre-tokenised dataset whose ``assistant_masks`` column is our
 mask), packs them to ``--seq-len`` (TRL: ``packing_strategy="bfd_split"``, padding-free) and trains
 ``--steps`` optimiser steps of ``--batch`` rows with AdamW, cosine schedule, clipping, fp32
-master weights under bf16 autocast.
+master weights under bf16 autocast where the CPU has native bf16, plain fp32 elsewhere (both sides).
 
 Variants, each in its own subprocess (a fresh allocator; peak RSS is the child's ``ru_maxrss``):
 - ``ours``: ``foresight_core.sft.run_sft`` without Ray or MLflow (the bare stage);
@@ -108,7 +108,7 @@ def run_trl(args: argparse.Namespace, work: Path, gradient_checkpointing: bool) 
             self.wall += time.perf_counter() - self.t
             self.cpu += time.process_time() - self.c
 
-    from foresight_core.models import load_model
+    from foresight_core.models import bf16_supported, load_model
     from foresight_core.sft import loss_mask, row_sample
     from foresight_core.storage import read_rows
 
@@ -120,7 +120,7 @@ def run_trl(args: argparse.Namespace, work: Path, gradient_checkpointing: bool) 
     targs = SFTConfig(output_dir=str(work / "trl"), per_device_train_batch_size=args.batch,
                       gradient_accumulation_steps=1, max_steps=args.steps, learning_rate=1e-5,
                       lr_scheduler_type="cosine", warmup_steps=1, max_grad_norm=1.0, weight_decay=0.0,
-                      adam_beta2=0.95, bf16=True, use_cpu=True, packing=True, packing_strategy="bfd_split",
+                      adam_beta2=0.95, bf16=bf16_supported("cpu"), use_cpu=True, packing=True, packing_strategy="bfd_split",
                       max_length=args.seq_len, gradient_checkpointing=gradient_checkpointing, logging_steps=1,
                       save_strategy="no", report_to=[], dataloader_num_workers=0, seed=cfg.seed,
                       shuffle_dataset=True, disable_tqdm=True)
@@ -219,9 +219,14 @@ def main(argv: list[str] | None = None) -> None:
     args.data = args.data or make_data(args, Path(args.cache) / ("quick" if args.quick else "laptop"))
     mallocs = {"both": [True, False], "on": [True], "off": [False]}[args.malloc]
     variants = args.variants.split(",")
+    from foresight_core.models import bf16_supported, cpu_type
+
+    # both sides follow the CPU: bf16 autocast where it is native, fp32 where it is emulated (AVX2: ~150x slower)
+    dtype = "bf16 autocast" if bf16_supported("cpu") else "fp32 (bf16 is emulated on this CPU)"
+    print(f"CPU: {cpu_type()}")
     print(f"SFT throughput: model={'tiny' if args.quick else 'SmolLM2-135M'} threads={args.threads or 'default'} "
           f"batch={args.batch} "
-          f"seq_len={args.seq_len} steps={args.steps} dtype=bf16 autocast, fp32 master weights; data={args.data}")
+          f"seq_len={args.seq_len} steps={args.steps} dtype={dtype}, fp32 master weights; data={args.data}")
     results: dict[tuple[str, bool], list[dict]] = {}
     for r in range(args.rounds):
         for malloc in mallocs:

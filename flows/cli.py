@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from foresight_core.config import STAGES, ConfigError, PipelineConfig, list_presets, load_config
@@ -92,15 +93,136 @@ def _presets() -> int:
 
 
 def _summary(cfg: PipelineConfig, refs: dict[str, Any]) -> None:
-    """The references a run produced, one per line (plain text: no wrapping, easy to grep)."""
-    from foresight_tasks.tracking import tracking_uri
+    """The references a run produced, one per line (plain text: no wrapping, easy to grep), then the
+    stage table (``summary_text``) with each stage run's metrics read back from MLflow."""
+    from foresight_tasks.tracking import run_metrics, tracking_uri
 
     width = max(map(len, refs), default=0)
     print(f"foresight {cfg.name}: outputs")
     for k, v in refs.items():
         print(f"  {k:<{width}}  {v}")
-    uri = tracking_uri(cfg)
-    print("MLflow: " + (f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else uri))
+    metrics: dict[str, dict[str, float]] = {}
+    for stage in STAGES:
+        run_id = refs.get(f"{stage}.run_id")
+        if run_id and run_id != "None":
+            try:
+                metrics[stage] = run_metrics(cfg, run_id)
+            except Exception as e:  # noqa: BLE001 - the table is a courtesy; the run itself succeeded
+                print(f"foresight: could not read the {stage} run's metrics: {e}", file=sys.stderr)
+    model_uri = final_model_uri(refs)
+    print(summary_text(cfg.name, refs, metrics, tracking_uri(cfg), model_uri and _local_model_path(cfg, model_uri)),
+          end="")
+
+
+def final_model_uri(refs: Mapping[str, str]) -> str | None:
+    """The latest model of a run: FC-RL's, else FE-SFT's, else WM-AMT's (the model evaluation played)."""
+    return next((refs[k] for k in ("fc_rl.model_uri", "fe_sft.model_uri", "wm_amt.model_uri")
+                 if refs.get(k) not in (None, "", "None")), None)
+
+
+def _local_model_path(cfg: PipelineConfig, model_uri: str) -> str | None:
+    """The folder holding a ``runs:/<id>/<path>`` model when the run's artifacts are local files."""
+    if not model_uri.startswith("runs:/"):
+        return None
+    from foresight_tasks.tracking import MlflowTracker, tracking_uri
+
+    run_id, _, path = model_uri.removeprefix("runs:/").partition("/")
+    try:
+        root = MlflowTracker(tracking_uri(cfg), run_id).client.get_run(run_id).info.artifact_uri
+    except Exception:  # noqa: BLE001 - the path is a courtesy
+        return None
+    if root.startswith("file://") or "://" not in root:
+        return f"{root.removeprefix('file://').rstrip('/')}/{path}"
+    return None
+
+
+def _pct(x: float) -> str:
+    return f"{x:.0%}"
+
+
+def _f3(x: float) -> str:
+    return f"{x:.3f}"
+
+
+def _metric(metrics: Mapping[str, float], key: str, fmt: Any = _f3) -> str:
+    value = metrics.get(key)
+    return "-" if value is None or value != value else fmt(value)  # missing or NaN (nothing to measure)
+
+
+def _stage_result(stage: str, m: Mapping[str, float]) -> list[str]:
+    """A stage's headline metrics, one or more lines (evaluation: one per benchmark and mode)."""
+    if stage == "corpus":
+        return [f"{m.get('corpus.trajectories', 0):.0f} trajectories, success "
+                f"{_metric(m, 'corpus.success_rate', _pct)}, {m.get('corpus.annotated_steps', 0):.0f} annotated steps"]
+    if stage in ("wm_amt", "fe_sft"):
+        line = f"held-out loss {_metric(m, 'eval_loss')} | world-model loss {_metric(m, 'eval_wm_loss')}"
+        if any(k.startswith("check/") for k in m):
+            line += (f" | check: format {_metric(m, 'check/format_rate', _pct)}, success "
+                     f"{_metric(m, 'check/success_rate', _pct)}, ECE {_metric(m, 'check/ece')}, grounding "
+                     f"{_metric(m, 'check/grounding_rate', _pct)}")
+        return [line]
+    if stage == "fc_rl":
+        cols = (("success", "success_rate", _pct), ("format", "format_rate", _pct), ("ECE", "calib/ece", _f3),
+                ("grounding", "grounding_rate", _pct))
+        if any(k.startswith("eval_after/") for k in m):  # the held-out evaluation, before -> after
+            return [" | ".join(f"{label} {_metric(m, f'eval_before/{k}', fmt)} -> {_metric(m, f'eval_after/{k}', fmt)}"
+                               for label, k, fmt in cols)]
+        return ["last step: " + " | ".join(f"{label} {_metric(m, k, fmt)}" for label, k, fmt in cols)]
+    if stage == "eval":  # per benchmark and mode, then the mean over benchmarks per mode
+        groups = sorted({k.rsplit("/", 1)[0] for k in m if k.count("/") == 2 and not k.startswith("avg/")})
+        benches = sorted({g.split("/")[0] for g in groups})
+        means: dict[str, float] = {}
+        for mode in sorted({g.split("/")[1] for g in groups}) if len(benches) > 1 else ():
+            for col in ("score", "format_rate", "ece", "grounding_rate"):
+                vals = [m[f"{b}/{mode}/{col}"] for b in benches if f"{b}/{mode}/{col}" in m]
+                if vals:
+                    means[f"mean/{mode}/{col}"] = sum(vals) / len(vals)
+        m = {**m, **means}
+        groups += sorted({k.rsplit("/", 1)[0] for k in means})
+        return [f"{g}: score {_metric(m, f'{g}/score')} | format {_metric(m, f'{g}/format_rate', _pct)} | "
+                f"ECE {_metric(m, f'{g}/ece')} | grounding {_metric(m, f'{g}/grounding_rate', _pct)}"
+                for g in groups] or ["-"]
+    return ["-"]
+
+
+def summary_text(name: str, refs: Mapping[str, str], metrics: Mapping[str, Mapping[str, float]],
+                 tracking_uri: str, model_path: str | None = None) -> str:
+    """The end-of-run table: one row per stage (wall time, reused or new, headline metrics), then
+    where the final model is and how to open these runs in MLflow's UI.
+
+    ``refs``: the pipeline's references (``<stage>.run_id``, ``.reused``, ``.wall_s``, ``.model_uri``);
+    ``metrics``: each stage run's latest metrics, by stage; ``model_path``: the final model's local
+    folder when the artifact store is local. Plain text, no colour, no wrapping.
+    """
+    from foresight_tasks.progress import clock
+
+    stages = [s for s in STAGES if f"{s}.run_id" in refs]
+    new_word = {"corpus": "built", "eval": "ran"}
+    rows = []
+    for s in stages:
+        wall = refs.get(f"{s}.wall_s")
+        run = "reused" if refs.get(f"{s}.reused") == "true" else new_word.get(s, "trained")
+        if refs.get(f"{s}.run_id") in (None, "", "None"):
+            run = "skipped"
+        lines = _stage_result(s, metrics.get(s, {})) if run != "skipped" else ["-"]
+        rows.append((s, clock(float(wall)) if wall else "-", run, lines))
+    out = []
+    if rows:
+        total = sum(float(refs[f"{s}.wall_s"]) for s in stages if refs.get(f"{s}.wall_s"))
+        out.append(f"foresight {name}: {len(stages)} stage{'s' if len(stages) != 1 else ''} in {clock(total)}")
+        head = ("stage", "wall", "run")
+        widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
+        out.append("  " + "  ".join(h.ljust(w) for h, w in zip(head, widths)) + "  result")
+    for s, wall, run, lines in rows:
+        cells = "  ".join(c.ljust(w) for c, w in zip((s, wall, run), widths))
+        out.append(f"  {cells}  {lines[0]}")
+        out += [" " * (len(cells) + 4) + line for line in lines[1:]]
+    model_uri = final_model_uri(refs)
+    if model_uri:
+        out.append(f"final model: {model_uri}" + (f"\n  local folder: {model_path}" if model_path else ""))
+    ui = f"mlflow ui --backend-store-uri {tracking_uri}" if tracking_uri.startswith("sqlite:") else tracking_uri
+    out.append(f"MLflow: {ui}")
+    return "\n".join(out) + "\n"
 
 
 def _serve(cfg: PipelineConfig, args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ import copy
 import importlib
 import importlib.util
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -178,7 +179,11 @@ def _run_stages(cfg: PipelineConfig, stages: list[str], run_name: str,
         refs: dict[str, str] = {"pipeline.run_id": parent.run_id}
         for stage in runnable:
             logger.info("stage %s", stage)
+            t0 = time.perf_counter()
             refs.update(stage_task(stage)(cfg, dict(refs), parent.run_id))
+            wall_s = time.perf_counter() - t0  # the whole task: reuse checks, Ray start-up, uploads included
+            refs[f"{stage}.wall_s"] = f"{wall_s:.1f}"
+            parent.log_metrics({f"{stage}.wall_s": wall_s})
         parent.log_dict(refs, "refs.json")
     return refs
 

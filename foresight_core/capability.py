@@ -145,9 +145,11 @@ def check_metrics(rollouts: Sequence[Rollout], sets: Sequence[str] | None = None
 def play_check(engine: RolloutEngine, bridge: Any, make_env: Callable[[Task], Env],
                task_sets: Mapping[str, Sequence[Task]], *, n_tasks: int, foresight: bool = True,
                temperature: float = 0.7, max_new_tokens: int = 256, max_turns: int | None = None,
-               max_context_tokens: int = 4096, seed: int = 0) -> dict[str, float]:
+               max_context_tokens: int = 4096, seed: int = 0,
+               on_progress: Callable[[int, int, int], None] | None = None) -> dict[str, float]:
     """Play one episode of each of ``n_tasks`` held-out tasks (``select_tasks``) with ``engine`` and
-    return ``check_metrics``. The same seed gives the same tasks and the same samples."""
+    return ``check_metrics``. The same seed gives the same tasks and the same samples.
+    ``on_progress(episodes done, episodes, turn)``: after every turn (``rollout.play_group``)."""
     import torch
 
     chosen = select_tasks(task_sets, n_tasks, seed)
@@ -157,14 +159,15 @@ def play_check(engine: RolloutEngine, bridge: Any, make_env: Callable[[Task], En
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         rollouts = play_group(engine, bridge, make_env, [t for _, t in chosen], 1, params,
-                              "foresight" if foresight else "plain", max_turns, max_context_tokens)
+                              "foresight" if foresight else "plain", max_turns, max_context_tokens,
+                              on_progress=on_progress)
     return check_metrics(rollouts, [s for s, _ in chosen])
 
 
 def format_check(model: Any, tokenizer: Any, task_sets: Mapping[str, Sequence[Task]], envs: EnvsConfig, *,
                  n_tasks: int, foresight: bool = True, temperature: float = 0.7, max_new_tokens: int = 256,
                  max_turns: int | None = None, max_context_tokens: int = 4096, max_batch: int = 64,
-                 seed: int = 0) -> dict[str, float]:
+                 seed: int = 0, on_progress: Callable[[int, int, int], None] | None = None) -> dict[str, float]:
     """``play_check`` with a transformers causal LM (Hugging Face ``generate``) in the real environments."""
     from foresight_core.chat import ChatBridge
     from foresight_core.envs import env_for_task
@@ -174,15 +177,16 @@ def format_check(model: Any, tokenizer: Any, task_sets: Mapping[str, Sequence[Ta
     return play_check(engine, ChatBridge(tokenizer), lambda t: env_for_task(t, envs), task_sets,
                       n_tasks=n_tasks, foresight=foresight, temperature=temperature,
                       max_new_tokens=max_new_tokens, max_turns=max_turns, max_context_tokens=max_context_tokens,
-                      seed=seed)
+                      seed=seed, on_progress=on_progress)
 
 
 def run_format_check(cfg: Any, stage: str, model_dir: str | os.PathLike, task_uris: Sequence[str],
-                     device: str = "cpu") -> dict[str, float]:
+                     device: str = "cpu",
+                     on_progress: Callable[[int, int, int], None] | None = None) -> dict[str, float]:
     """The check of stage ``stage`` ("wm_amt" | "fe_sft") of the ``PipelineConfig`` ``cfg``: the model
     saved in ``model_dir`` (Hugging Face format, whatever the training strategy) plays
     ``<stage>.format_check_tasks`` tasks of the files ``task_uris``, with the stage's settings and the
-    evaluation's context limit and batch size."""
+    evaluation's context limit and batch size. ``on_progress(episodes done, episodes, turn)``: after every turn."""
     from foresight_core.models import load_model
 
     stage_cfg = getattr(cfg, stage)
@@ -193,7 +197,7 @@ def run_format_check(cfg: Any, stage: str, model_dir: str | os.PathLike, task_ur
                         foresight=stage_cfg.foresight, temperature=stage_cfg.format_check_temperature,
                         max_new_tokens=stage_cfg.format_check_max_new_tokens,
                         max_context_tokens=cfg.eval.max_context_tokens, max_batch=cfg.eval.batch_size,
-                        seed=cfg.seed)
+                        seed=cfg.seed, on_progress=on_progress)
 
 
 def summary_line(metrics: Mapping[str, float]) -> str:

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import functools
 import hashlib
 import json
 import random
@@ -58,10 +57,9 @@ import string
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import foresight_core
+from foresight_core import provenance
 from foresight_core.agent import play_episode
 from foresight_core.config.corpus import CorpusConfig
 from foresight_core.config.pipeline import PipelineConfig
@@ -739,25 +737,10 @@ def wm_text(step: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 # 4. Build: reuse a finished corpus with the same key, else plan -> collect -> write
 
-CORPUS_SOURCES = ("corpus.py", "agent.py", "policies.py", "types.py", "format.py", "chat.py", "storage.py",
-                  "metrics.py", "envs")
-
-
-@functools.cache
 def code_version() -> str:
-    """Package version + a hash of the source files that shape the corpus.
-
-    Read once per process, so a source edit during a build cannot give the output folder and its
-    manifest two different keys."""
-    root = Path(foresight_core.__file__).parent
-    h = hashlib.sha256()
-    for name in CORPUS_SOURCES:
-        p = root / name
-        for f in sorted(p.rglob("*.py")) if p.is_dir() else [p]:
-            if f.exists():
-                h.update(str(f.relative_to(root)).encode())
-                h.update(f.read_bytes())
-    return f"{foresight_core.__version__}+{h.hexdigest()[:12]}"
+    """The version of the code that shapes the corpus: ``foresight_core.provenance.code_version`` of this
+    module (the package version and a hash of every ``foresight_core`` source it reaches)."""
+    return provenance.code_version("foresight_core.corpus")
 
 
 def corpus_key(cfg: PipelineConfig) -> str:

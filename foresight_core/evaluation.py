@@ -140,8 +140,10 @@ def summarise(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 
 
 def play_benchmark(engine: RolloutEngine, bridge: Any, make_env: Callable[[Task], Env], tasks: Sequence[Task],
-                   cfg: EvalConfig, benchmark: str, mode: str = "direct") -> list[dict[str, Any]]:
-    """k samples of every task, ``cfg.batch_size`` episodes at a time; one record per episode."""
+                   cfg: EvalConfig, benchmark: str, mode: str = "direct",
+                   on_progress: Callable[[int, int, int], None] | None = None) -> list[dict[str, Any]]:
+    """k samples of every task, ``cfg.batch_size`` episodes at a time; one record per episode.
+    ``on_progress(episodes done, episodes, turn)``: after every turn (a progress display)."""
     if mode == "planning":
         engine = PlanSelectingEngine(engine, bridge.tokenizer, cfg.plan_candidates, cfg.plan_temperature)
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
@@ -150,8 +152,10 @@ def play_benchmark(engine: RolloutEngine, bridge: Any, make_env: Callable[[Task]
     records: list[dict[str, Any]] = []
     for b in range(0, len(tasks), per_batch):
         chunk = list(tasks[b:b + per_batch])
+        report = None if on_progress is None else \
+            (lambda done, _, turn, before=len(records): on_progress(before + done, len(tasks) * k, turn))
         rollouts = play_group(engine, bridge, make_env, chunk, k, params, cfg.turn_format,
-                              max_context_tokens=cfg.max_context_tokens)
+                              max_context_tokens=cfg.max_context_tokens, on_progress=report)
         records += [episode_record(r, benchmark, mode, i % k) for i, r in enumerate(rollouts)]
     return records
 

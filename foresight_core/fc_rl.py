@@ -51,7 +51,7 @@ from foresight_core.config.rl import FCRLConfig
 from foresight_core.envs.base import Env
 from foresight_core.metrics import brier_score, expected_calibration_error
 from foresight_core.rollout import HFEngine, Rollout, RolloutEngine, SamplingParams, play_group
-from foresight_core.tracking import NullTracker, Tracker
+from foresight_core.tracking import NullTracker, Progress, Tracker
 from foresight_core.types import Task
 
 CHECKPOINT_FILE = "fc_rl_state.pt"
@@ -367,11 +367,12 @@ def eval_subset(tasks: Sequence[Task], n: int) -> list[Task]:
 
 
 def evaluate(engine: RolloutEngine, bridge: ChatBridge, make_env: Callable[[Task], Env], tasks: Sequence[Task],
-             cfg: FCRLConfig) -> dict[str, float]:
-    """One rollout per held-out task at the training temperature: success, ECE, Brier, grounding, format."""
+             cfg: FCRLConfig, on_progress: Callable[[int, int, int], None] | None = None) -> dict[str, float]:
+    """One rollout per held-out task at the training temperature: success, ECE, Brier, grounding, format.
+    ``on_progress(episodes done, episodes, turn)``: after every turn."""
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
     rollouts = play_group(engine, bridge, make_env, tasks, 1, params, cfg.turn_format, cfg.max_turns,
-                          cfg.max_context_tokens)
+                          cfg.max_context_tokens, on_progress=on_progress)
     return rollout_metrics([score_rollout(r, cfg) for r in rollouts])
 
 
@@ -442,6 +443,7 @@ def train_fc_rl(cfg: FCRLConfig, model: torch.nn.Module, tokenizer: Any, train_t
     rank, world = _world()
     device = device or next(model.parameters()).device
     tracker = tracker or NullTracker()
+    progress = Progress.of(tracker)  # rank 0's share of the episodes (the other ranks have no tracker)
     bridge = bridge or ChatBridge(tokenizer)
     engine = engine or HFEngine(model, tokenizer, autocast_dtype, cfg.max_batch_sequences)
 
@@ -470,16 +472,18 @@ def train_fc_rl(cfg: FCRLConfig, model: torch.nn.Module, tokenizer: Any, train_t
     do_eval = bool(cfg.n_eval_tasks and eval_tasks)
     my_eval = list(eval_tasks)[:cfg.n_eval_tasks][rank::world]
 
-    def run_eval() -> dict[str, float]:  # same seed every time, so before and after see the same draws
+    def run_eval(label: str) -> dict[str, float]:  # same seed every time, so before and after see the same draws
+        progress.phase(label, total=len(my_eval), unit="episodes")
         torch.manual_seed(step_seed(seed, -1, rank))
-        return _rank_mean(evaluate(engine, bridge, make_env, my_eval, cfg) if my_eval else {})
+        return _rank_mean(evaluate(engine, bridge, make_env, my_eval, cfg, progress.episodes()) if my_eval else {})
 
-    eval_before = run_eval() if do_eval and start == 0 else {}
+    eval_before = run_eval("held-out eval before") if do_eval and start == 0 else {}
     if eval_before:
         tracker.log_metrics({f"eval/{k}": v for k, v in eval_before.items()}, step=0)
 
     history: list[dict[str, float]] = []
     last_ckpt: Path | None = None
+    progress.phase("train", total=cfg.max_steps, unit="steps", done=start)
     for step in range(start, cfg.max_steps):
         t_step = time.perf_counter()
         # -- sample this step's tasks (the same on every rank); each rank plays its share
@@ -491,7 +495,7 @@ def train_fc_rl(cfg: FCRLConfig, model: torch.nn.Module, tokenizer: Any, train_t
         # -- rollouts: G per task, all episodes batched turn by turn
         t0 = time.perf_counter()
         rollouts = play_group(engine, bridge, make_env, my_tasks, cfg.group_size, params, cfg.turn_format,
-                              cfg.max_turns, cfg.max_context_tokens)
+                              cfg.max_turns, cfg.max_context_tokens, on_progress=progress.episodes("rollouts"))
         rollout_s = time.perf_counter() - t0
         gen_tokens = sum(r.generated_tokens for r in rollouts)
 
@@ -500,6 +504,7 @@ def train_fc_rl(cfg: FCRLConfig, model: torch.nn.Module, tokenizer: Any, train_t
         items = train_items(scored)
 
         # -- old / reference log-probs (only when needed)
+        progress.update(detail="policy update")
         t1 = time.perf_counter()
         if not (cfg.ppo_epochs == 1 and cfg.num_minibatches == 1):
             fill_logprobs(model, items, "old_logprobs", cfg, device, autocast)
@@ -532,7 +537,9 @@ def train_fc_rl(cfg: FCRLConfig, model: torch.nn.Module, tokenizer: Any, train_t
         if (step + 1) % cfg.sample_every == 0 or step == 0:
             tracker.log_table(sample_rows(scored, tokenizer, step + 1, cfg.samples_logged), "fc_rl/samples.json")
         if do_eval and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
-            tracker.log_metrics({f"eval/{k}": v for k, v in run_eval().items()}, step=step + 1)
+            tracker.log_metrics({f"eval/{k}": v for k, v in run_eval(f"held-out eval at step {step + 1}").items()},
+                                step=step + 1)
+            progress.phase("train", total=cfg.max_steps, unit="steps", done=step + 1)
 
         # -- checkpoint (rank 0 writes; every rank holds the same weights)
         if ckpt_dir and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.max_steps):
@@ -542,8 +549,9 @@ def train_fc_rl(cfg: FCRLConfig, model: torch.nn.Module, tokenizer: Any, train_t
                 dist.barrier()
             if on_checkpoint:
                 on_checkpoint(ckpt_dir, step + 1, m)
+        progress.update(step + 1, detail="")
 
-    eval_after = run_eval() if do_eval else {}
+    eval_after = run_eval("held-out eval after") if do_eval else {}
     if eval_after:
         tracker.log_metrics({f"eval/{k}": v for k, v in eval_after.items()}, step=cfg.max_steps)
     return FCRLResult(steps=cfg.max_steps, history=history, eval_before=eval_before, eval_after=eval_after,

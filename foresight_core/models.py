@@ -101,6 +101,25 @@ def bf16_supported(device: str = "cpu") -> bool:
                 or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
 
 
+def cpu_type() -> str:
+    """Which of the CPU types we meet this is, for every printed figure: ``AVX512-BF16`` (or AMX: bf16 is
+    native), ``AVX512`` / ``AVX2`` (bf16 emulated: fp32 is the fast dtype), plus the model name and core count."""
+    import os
+
+    flags, name = set(), ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            elif line.startswith("model name") and not name:
+                name = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    kind = ("AVX512-BF16" if bf16_supported() else "AVX512" if "avx512f" in flags
+            else "AVX2" if "avx2" in flags else "other")
+    return f"{kind} ({name or 'unknown CPU'}, {os.cpu_count()} cores)"
+
+
 def compute_dtype(cfg: ModelConfig, device: str = "cpu"):
     """The dtype of the forward/backward: ``auto`` = bf16 where the hardware supports it, else fp32."""
     import torch

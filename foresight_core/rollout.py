@@ -234,11 +234,13 @@ def _parse_raw(text: str) -> ParsedTurn:
 
 def play_group(engine: RolloutEngine, bridge: ChatBridge, make_env: Callable[[Task], Env], tasks: Sequence[Task],
                group_size: int, params: SamplingParams, turn_format: TurnFormat = "foresight",
-               max_turns: int | None = None, max_context_tokens: int = 4096) -> list[Rollout]:
+               max_turns: int | None = None, max_context_tokens: int = 4096,
+               on_progress: Callable[[int, int, int], None] | None = None) -> list[Rollout]:
     """Play ``group_size`` rollouts of every task, all episodes batched together turn by turn.
 
     ``make_env(task)`` gives a fresh environment per rollout (environments are stateful).
     ``bridge`` is a ``chat.ChatBridge``: prompt tokens, observation tokens, per-token span masks.
+    ``on_progress(episodes done, episodes, turn)`` is called after every turn (a progress display).
     Returns rollouts grouped by task: rollouts[g * group_size + i] is sample i of tasks[g].
     """
     rollouts: list[Rollout] = []
@@ -263,6 +265,8 @@ def play_group(engine: RolloutEngine, bridge: ChatBridge, make_env: Callable[[Ta
                        last_turn=turn + 1 >= limits[i],
                        room=max_context_tokens - params.max_new_tokens)
         turn += 1
+        if on_progress is not None:
+            on_progress(sum(r.done for r in rollouts), len(rollouts), turn)
     return rollouts
 
 

@@ -63,7 +63,7 @@ from foresight_core.fsdp import (gather_model, gather_training_state, is_sharded
                                  trainable_state)
 from foresight_core.models import save_model, unwrap
 from foresight_core.packing import IGNORE, LMSample, Packed, pack
-from foresight_core.tracking import NullTracker, Tracker
+from foresight_core.tracking import NullTracker, Progress, Tracker
 
 EVAL_SPLITS = frozenset({"eval", "val", "valid", "validation", "test"})
 CHECKPOINT_FILE = "trainer_state.pt"
@@ -429,6 +429,7 @@ def train(model: nn.Module, tokenizer, data: SFTData, cfg: SFTConfig, out_dir: s
     device = next(model.parameters()).device
     master = rank == 0
     say = print if (verbose and master) else (lambda *a, **k: None)
+    progress = Progress.of(tracker if master else None)  # what the driver's progress bar shows
 
     # ---- model, optimiser, schedule
     if cfg.activation_checkpointing:
@@ -500,12 +501,14 @@ def train(model: nn.Module, tokenizer, data: SFTData, cfg: SFTConfig, out_dir: s
 
     # ---- evaluation before training: the baseline the stage must beat
     if data.eval is not None and cfg.eval_at_start and resume_from is None:
+        progress.phase("held-out loss before training")
         last.update(evaluate(loss_fn, data.eval, cfg, rank, world, device, dtype))
         log({k: v for k, v in last.items() if k.startswith("eval")}, 0)
         say("step 0 | " + " | ".join(f"{k} {v:.4f}" for k, v in last.items()))
 
     # ---- training
     train_tokens, train_seconds, train_cpu_seconds = 0, 0.0, 0.0
+    progress.phase("train", total=cfg.max_steps, unit="steps", done=step)
     while step < cfg.max_steps:
         t0, c0 = time.perf_counter(), time.process_time()
         batches = [data.train.batch(micro_batch_rows(micro_step + a, n_rows, cfg.batch_size, rank, world, seed))
@@ -542,14 +545,17 @@ def train(model: nn.Module, tokenizer, data: SFTData, cfg: SFTConfig, out_dir: s
                    "grad_norm": grad_norm, "tokens_per_s": tokens_total / dt,
                    "epoch": micro_step / math.ceil(n_rows // world * world / (cfg.batch_size * world))}
         if data.eval is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            progress.update(step - 1, detail="held-out loss", force=True)
             metrics.update(evaluate(loss_fn, data.eval, cfg, rank, world, device, dtype))
         log(metrics, step)
+        progress.update(step, detail="")
         last.update(metrics)
         say(f"step {step}/{cfg.max_steps} | " + " | ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             checkpoint(dict(last))
 
     # ---- the final model, in Hugging Face format
+    progress.phase("saving the model")
     model_dir = None
     whole = gather_model(model) if fsdp else model
     if master:
@@ -583,7 +589,10 @@ def run_sft(cfg, stage: str, data_uri: str, out_dir: str | os.PathLike, *, init_
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
     model_cfg = cfg.model if init_model is None else \
         cfg.model.model_copy(update={"source": "hf", "name_or_path": str(init_model)})
+    progress = Progress.of(tracker if not dist.is_initialized() or dist.get_rank() == 0 else None)
+    progress.phase("loading the model")
     model, tokenizer = load_model(model_cfg, str(device), seed=cfg.seed)
+    progress.phase("tokenising and packing the data")
     data = prepare_data(read_rows(data_uri, storage=cfg.infra.storage), tokenizer, stage_cfg,
                         seed=cfg.seed, source=data_uri)
     if tracker is not None and (not dist.is_initialized() or dist.get_rank() == 0):
@@ -605,8 +614,11 @@ def check_final_model(cfg, stage: str, result: SFTResult, task_uris: Sequence[st
     fails (bad task rows, an environment error) is reported and tagged, never fails the stage."""
     from foresight_core.capability import run_format_check, summary_line
 
+    progress = Progress.of(tracker)
+    progress.phase("format check", total=getattr(cfg, stage).format_check_tasks, unit="episodes")
     try:
-        raw = run_format_check(cfg, stage, result.model_dir, task_uris, str(device))
+        raw = run_format_check(cfg, stage, result.model_dir, task_uris, str(device),
+                               on_progress=progress.episodes())
     except Exception as e:  # bad task rows, a broken environment: the trained model is kept either way
         message = f"{stage} format check failed, the trained model is kept: {e!r}"
         print(message)

@@ -22,6 +22,8 @@ import hashlib
 import json
 import shutil
 import tempfile
+import time
+import uuid
 import weakref
 from pathlib import Path
 from typing import Any
@@ -33,24 +35,36 @@ from foresight_core.capability import held_out_task_uris
 from foresight_core.config import PipelineConfig
 from foresight_core.evaluation import flat_metrics, modes, summarise
 from foresight_core.storage import sha256_file
+from foresight_core.tracking import PROGRESS_TAG, Progress
+from foresight_tasks.progress import watch_stage
 from foresight_tasks.rl import load_tasks
-from foresight_tasks.runtime import init_ray, setup_env
-from foresight_tasks.tracking import find_runs, stage_params, start_run, tracking_uri
-from foresight_tasks.train import StageInputError, local_model_dir
+from foresight_tasks.runtime import init_ray, quiet_ray_data, setup_env, worker_threads
+from foresight_tasks.tracking import MlflowTracker, find_runs, stage_params, start_run, tracking_uri
+from foresight_tasks.train import StageInputError, local_model_dir, stage_code_version
 
 STAGE = "eval"
 
 
 class EvalWorker:
-    """A Ray Data actor: loads the model once, then plays every batch of tasks it is given."""
+    """A Ray Data actor: loads the model once, then plays every batch of tasks it is given.
 
-    def __init__(self, cfg: PipelineConfig, model_uri: str | None, tracking: str) -> None:
+    With ``run_id`` it says where it is in a tag of that run, ``foresight.progress.<actor>``: the
+    episodes it has finished, turn by turn (a batch's records reach the driver only when the whole
+    batch is done)."""
+
+    def __init__(self, cfg: PipelineConfig, model_uri: str | None, tracking: str, run_id: str | None = None,
+                 threads: int | None = None) -> None:
         import torch
 
         from foresight_core.chat import ChatBridge
         from foresight_core.models import load_model
 
-        torch.set_num_threads(cfg.num_threads or max(1, torch.get_num_threads()))
+        self.progress = Progress(MlflowTracker(tracking, run_id) if run_id else None,
+                                 key=f"{PROGRESS_TAG}.{uuid.uuid4().hex[:8]}")
+        self.progress.phase("loading the model")
+        self.episodes = 0  # finished by this actor, over all its batches
+
+        torch.set_num_threads(threads or cfg.num_threads or max(1, torch.get_num_threads()))
         self.cfg = cfg
         self.work = Path(tempfile.mkdtemp(prefix="foresight-eval-"))
         weakref.finalize(self, shutil.rmtree, self.work, True)  # the downloaded model goes with the actor
@@ -70,6 +84,7 @@ class EvalWorker:
             model, tokenizer = load_model(model_cfg, device, train=False, seed=cfg.seed)
             self.engine = HFEngine(model, tokenizer, autocast_dtype=None, max_batch=cfg.eval.batch_size)
         self.bridge = ChatBridge(tokenizer)
+        self.progress.phase("playing", unit="episodes")
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         import torch
@@ -78,6 +93,7 @@ class EvalWorker:
         from foresight_core.evaluation import play_benchmark
         from foresight_core.types import Task
 
+        t0 = time.perf_counter()
         torch.manual_seed(self.cfg.seed)
         by_bench: dict[str, list[Task]] = {}
         for bench, task_json in zip(batch["benchmark"], batch["task"]):
@@ -86,15 +102,20 @@ class EvalWorker:
         for bench, tasks in by_bench.items():
             for mode in modes(self.cfg.eval):
                 records += play_benchmark(self.engine, self.bridge, lambda t: env_for_task(t, self.cfg.envs),
-                                          tasks, self.cfg.eval, bench, mode)
-        return {"record": [json.dumps(r) for r in records]}
+                                          tasks, self.cfg.eval, bench, mode,
+                                          on_progress=self.progress.episodes(offset=self.episodes + len(records)))
+        self.episodes += len(records)
+        self.progress.update(self.episodes, force=True)
+        seconds = (time.perf_counter() - t0) / max(len(records), 1)  # the batch's play time, spread over its rows
+        return {"record": [json.dumps(r) for r in records], "seconds": [seconds] * len(records)}
 
 
 def eval_key(cfg: PipelineConfig, data_sha: str, model_uri: str | None) -> str:
-    """What the evaluation's result depends on; the same key gives the same report."""
+    """What the evaluation's result depends on; the same key gives the same report (the code version too)."""
     blob = json.dumps({"eval": cfg.eval.model_dump(mode="json", exclude={"num_actors"}),
                        "envs": cfg.envs.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
-                       "seed": cfg.seed, "data": data_sha, "model_uri": model_uri}, sort_keys=True)
+                       "seed": cfg.seed, "data": data_sha, "model_uri": model_uri,
+                       "code": stage_code_version(STAGE)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -135,13 +156,26 @@ def run_eval_stage(cfg: PipelineConfig, model_uri: str | None, corpus_uri: str,
         import ray.data
 
         init_ray(cfg.infra.ray)
+        cpus, threads = worker_threads(cfg, cfg.eval.num_actors, None)  # the actors share the nodes' CPUs
+        tracker.set_tags({"foresight.worker.torch_threads": str(threads)})
         items = [{"benchmark": name, "task": json.dumps(t.to_dict())} for name, tasks in sets.items() for t in tasks]
         per_batch = max(1, cfg.eval.batch_size // cfg.eval.samples_per_task)
-        ds = ray.data.from_items(items).map_batches(
-            EvalWorker, fn_constructor_kwargs={"cfg": cfg, "model_uri": model_uri, "tracking": uri},
-            batch_size=per_batch, batch_format="numpy", concurrency=cfg.eval.num_actors,
-            num_gpus=1 if cfg.eval.engine == "vllm" else 0)
-        records = [json.loads(r["record"]) for r in ds.iter_rows()]
+        # progress: episodes, from the actors' tags turn by turn and from the rows as each batch arrives
+        # (smaller batches would move it too, but change the results: each batch reseeds the sampler)
+        n_episodes = len(items) * len(modes(cfg.eval)) * cfg.eval.samples_per_task
+        records: list[dict[str, Any]] = []
+        compute_s = 0.0  # time the actors spent playing (the stage function alone), summed over actors
+        with quiet_ray_data(), watch_stage(STAGE, tracker, waiting="starting the evaluation actors",
+                                           total=n_episodes, unit="episodes", reset=False) as watch:
+            ds = ray.data.from_items(items).map_batches(
+                EvalWorker, fn_constructor_kwargs={"cfg": cfg, "model_uri": model_uri, "tracking": uri,
+                                                   "run_id": tracker.run_id, "threads": threads},
+                batch_size=per_batch, batch_format="numpy", concurrency=cfg.eval.num_actors, num_cpus=cpus,
+                num_gpus=1 if cfg.eval.engine == "vllm" else 0)
+            for r in ds.iter_rows():
+                records.append(json.loads(r["record"]))
+                compute_s += float(r["seconds"])
+                watch.advance(1)
 
         # ---- summary per benchmark and mode, logged to the run
         report: dict[str, Any] = {}
@@ -152,7 +186,7 @@ def run_eval_stage(cfg: PipelineConfig, model_uri: str | None, corpus_uri: str,
                 if recs:
                     report[name][mode] = summarise(recs)
         metrics = flat_metrics(report)
-        tracker.log_metrics(metrics)
+        tracker.log_metrics({**metrics, "compute_s": compute_s})
         tracker.log_dict(report, "eval_report.json")
         sample = [r for name in sets for r in records if r["benchmark"] == name][:cfg.eval.sample_rows * len(sets)]
         if sample:

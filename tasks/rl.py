@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from foresight_core.config import PipelineConfig
 from foresight_core.capability import held_out_task_uris, read_tasks
 from foresight_core.fc_rl import eval_subset
+from foresight_core.tracking import Progress
 from foresight_tasks.runtime import setup_env
 from foresight_tasks.tracking import MlflowTracker, find_runs, tracking_uri
 from foresight_tasks.train import MODEL_ARTIFACT, StageInputError, fit_stage, local_model_dir, \
@@ -62,15 +64,22 @@ def _rl_worker(config: dict[str, Any]) -> None:
     cfg: PipelineConfig = config["cfg"]
     rl = cfg.fc_rl
     rank = ray.train.get_context().get_world_rank()
-    torch.set_num_threads(cfg.num_threads or rl.scaling.cpus_per_worker)
+    torch.set_num_threads(config["threads"])  # resolved by fit_stage from the Ray nodes' CPUs
     device = ray.train.torch.get_device()
     tracker = MlflowTracker(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    if tracker is not None:  # what the speed depends on, as the worker really saw it
+        tracker.set_tags({"foresight.worker.torch_threads": str(torch.get_num_threads()),
+                          "foresight.worker.world_size": str(ray.train.get_context().get_world_size())})
     work = Path(tempfile.mkdtemp(prefix=f"foresight-fc_rl-rank{rank}-"))
     try:
+        progress = Progress.of(tracker)  # rank 0 only (the others have no tracker)
         model_cfg = cfg.model
         if config["init_model_uri"]:
+            progress.phase("downloading the starting model")
             init_dir = local_model_dir(config["init_model_uri"], config["tracking_uri"], work / "init")
             model_cfg = cfg.model.model_copy(update={"source": "hf", "name_or_path": init_dir})
+        t0 = time.perf_counter()  # the stage's own work from here: loading, rollouts, updates, held-out evals
+        progress.phase("loading the model")
         model, tokenizer = load_model(model_cfg, str(device), seed=cfg.seed)
         engine = None
         if rl.engine == "vllm":
@@ -93,7 +102,10 @@ def _rl_worker(config: dict[str, Any]) -> None:
                              seed=cfg.seed, eval_tasks=config["eval_tasks"], engine=engine, tracker=tracker,
                              checkpoint_dir=ckpt_dir, device=device,
                              autocast_dtype=compute_dtype(model_cfg, str(device)), on_checkpoint=report)
+        compute_s = time.perf_counter() - t0
         if rank == 0:
+            tracker.log_metrics({"compute_s": compute_s}, step=result.steps)
+            progress.phase("logging the model to MLflow")
             tracker.log_artifacts(str(save_model(model, tokenizer, work / "model")), MODEL_ARTIFACT)
             tracker.log_metrics({f"eval_before/{k}": v for k, v in result.eval_before.items()}, step=0)
             tracker.log_metrics({f"eval_after/{k}": v for k, v in result.eval_after.items()}, step=result.steps)

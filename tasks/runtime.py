@@ -85,17 +85,21 @@ def init_ray(ray_cfg: RayConfig) -> str:
 
     if ray.is_initialized():
         return "existing"
+    from foresight_tasks.progress import activity
+
     if ray_cfg.address:
         # a cluster: its workers must have this package installed (deployments/Dockerfile does that)
-        ray.init(address=ray_cfg.address, log_to_driver=False, configure_logging=False)
+        with activity("ray", f"connecting to {ray_cfg.address}"):
+            ray.init(address=ray_cfg.address, log_to_driver=False, configure_logging=False)
         return ray_cfg.address
-    ray.init(
-        num_cpus=ray_cfg.num_cpus,
-        object_store_memory=ray_cfg.object_store_memory_mb * 1024 * 1024,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-    )
+    with activity("ray", "starting a local Ray"):
+        ray.init(
+            num_cpus=ray_cfg.num_cpus,
+            object_store_memory=ray_cfg.object_store_memory_mb * 1024 * 1024,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
     return "local"
 
 
@@ -114,9 +118,6 @@ def ray_map(items: list[dict[str, Any]], fn: Callable[[list[dict[str, Any]]], li
 
     if not items:
         return []
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # the rich bar below shows progress in items
-    ctx.print_on_execution_start = False
     encoded = [{"index": i, "item": json.dumps(it)} for i, it in enumerate(items)]
 
     def run_block(batch: dict[str, Any]) -> dict[str, list[Any]]:
@@ -124,30 +125,93 @@ def ray_map(items: list[dict[str, Any]], fn: Callable[[list[dict[str, Any]]], li
         return {"start": [int(batch["index"][0])], "n_items": [len(block_items)],
                 "rows": [json.dumps(fn(block_items))]}
 
-    ds = ray.data.from_items(encoded, override_num_blocks=min(num_blocks, len(items)))
-    ds = ds.map_batches(run_block, batch_format="numpy", batch_size=None)
     blocks: list[tuple[int, list[dict[str, Any]]]] = []
-    data_log = logging.getLogger("ray.data")
-    level = data_log.level
-    data_log.setLevel(logging.ERROR)  # "progress bars disabled" and per-dataset chatter: the bar says it
-    try:
+    with quiet_ray_data():  # the bar below shows progress in items
+        ds = ray.data.from_items(encoded, override_num_blocks=min(num_blocks, len(items)))
+        ds = ds.map_batches(run_block, batch_format="numpy", batch_size=None)
         with _progress(progress, description, total=len(items)) as advance:
             for out in ds.iter_rows():
                 blocks.append((int(out["start"]), json.loads(out["rows"])))
                 advance(int(out["n_items"]))
-    finally:
-        data_log.setLevel(level)
     return [row for _, rows in sorted(blocks, key=lambda b: b[0]) for row in rows]
 
 
 @contextmanager
+def quiet_ray_data() -> Iterator[None]:
+    """Ray Data without its own progress bars and per-dataset log lines, for datasets created inside:
+    the caller shows progress in its own units (``foresight_tasks.progress``)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    data_log = logging.getLogger("ray.data")
+    level = data_log.level
+    data_log.setLevel(logging.ERROR)  # "progress bars disabled" and per-dataset chatter
+    try:
+        yield
+    finally:
+        data_log.setLevel(level)
+
+
+@contextmanager
 def _progress(show: bool, description: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar counted in items (or nothing): ``with _progress(...) as advance``."""
+    """A progress line counted in items (or nothing): ``with _progress(...) as advance``; a bar on a
+    terminal, plain lines elsewhere (``foresight_tasks.progress.Display``)."""
     if not show:
         yield lambda n: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from foresight_tasks.progress import Display, Status, clock
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
-        task_id = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task_id, n)
+    display, done = Display(description), 0
+    display.show(Status(phase="collect", done=0, total=total, unit="items"))
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        elapsed = display.elapsed()
+        display.show(Status(phase="collect", done=done, total=total, unit="items",
+                            eta_s=elapsed * (total - done) / done if 0 < done < total else None))
+
+    ok = False
+    try:
+        yield advance
+        ok = True
+    finally:
+        display.close(f"[{description} {clock(display.elapsed())}] {'done' if ok else 'failed'}: "
+                      f"{done}/{total} items")
+
+
+# ---------------------------------------------------------------------------------------------
+# CPUs per worker: a stage uses the machine unless told otherwise
+
+
+def cpus_per_worker(num_workers: int, node_cpus: list[int], explicit: int | None = None) -> int:
+    """CPUs (and torch threads) for each of ``num_workers`` workers on nodes with ``node_cpus`` CPUs.
+
+    ``explicit`` wins. Otherwise the largest c such that the nodes hold every worker with c CPUs each
+    (sum over nodes of floor(cpus / c) >= num_workers): one worker on a 2-CPU laptop gets 2, two get 1
+    each; four workers on two 8-CPU nodes get 4 each. At least 1 (Ray then queues what does not fit).
+    """
+    if explicit is not None:
+        return explicit
+    best = 1
+    for c in range(1, max(node_cpus, default=1) + 1):
+        if sum(n // c for n in node_cpus) >= num_workers:
+            best = c
+    return best
+
+
+def node_cpus() -> list[int]:
+    """The CPU count of every alive Ray node that offers CPUs (Ray must be initialised)."""
+    import ray
+
+    return [int(n["Resources"]["CPU"]) for n in ray.nodes()
+            if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) >= 1]
+
+
+def worker_threads(cfg: PipelineConfig, num_workers: int, explicit: int | None) -> tuple[int, int]:
+    """``(cpus reserved per worker, torch threads per worker)`` for a stage on the Ray that is running:
+    ``cfg.num_threads`` sets the threads alone, ``explicit`` (a stage's ``scaling.cpus_per_worker``) both."""
+    cpus = cpus_per_worker(num_workers, node_cpus(), explicit)
+    return cpus, cfg.num_threads or cpus

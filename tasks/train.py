@@ -42,12 +42,15 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from foresight_core.config import PipelineConfig
 from foresight_core.storage import join_uri, load_manifest, sha256_file
-from foresight_tasks.runtime import init_ray, is_local_uri, local_path, setup_env
+from foresight_core.tracking import Progress
+from foresight_tasks.progress import watch_stage
+from foresight_tasks.runtime import init_ray, is_local_uri, local_path, setup_env, worker_threads
 from foresight_tasks.tracking import MlflowTracker, find_runs, stage_params, start_run, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -101,12 +104,28 @@ def local_model_dir(model_uri: str, tracking: str, dst: str | os.PathLike) -> st
     return str(dst)
 
 
+# the module each stage runs from: its code version (``foresight_core.provenance``) is part of its key
+STAGE_ENTRY = {"corpus": "foresight_core.corpus", "wm_amt": "foresight_tasks.train",
+               "fe_sft": "foresight_tasks.train", "fc_rl": "foresight_tasks.rl", "eval": "foresight_tasks.evaluate"}
+
+
+def stage_code_version(stage: str) -> str:
+    """The version of the science ``stage`` runs: package version and a hash of the ``foresight_core``
+    sources its entry module reaches (``foresight_core.provenance.code_version``)."""
+    from foresight_core.provenance import code_version
+
+    return code_version(STAGE_ENTRY[stage])
+
+
 def stage_key(stage: str, cfg: PipelineConfig, data_sha256: str, init_model_uri: str | None) -> str:
-    """What the stage's result depends on; the same key means the same model comes out."""
+    """What the stage's result depends on; the same key means the same model comes out: the stage's
+    config, the model config, the seed, the data's sha256, the starting model and the code version."""
     stage_cfg = getattr(cfg, stage).model_dump(mode="json")
-    stage_cfg["scaling"].pop("max_failures", None)  # retries do not change the result
+    for field in ("max_failures", "cpus_per_worker", "malloc_tuning"):  # retries and speed, not results
+        stage_cfg["scaling"].pop(field, None)
     blob = json.dumps({"stage": stage, "cfg": stage_cfg, "model": cfg.model.model_dump(mode="json"),
-                       "seed": cfg.seed, "data": data_sha256, "init": init_model_uri}, sort_keys=True)
+                       "seed": cfg.seed, "data": data_sha256, "init": init_model_uri,
+                       "code": stage_code_version(stage)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -138,10 +157,9 @@ def _sft_worker(config: dict[str, Any]) -> None:
 
     cfg: PipelineConfig = config["cfg"]
     stage: str = config["stage"]
-    stage_cfg = getattr(cfg, stage)
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    torch.set_num_threads(cfg.num_threads or stage_cfg.scaling.cpus_per_worker)
+    torch.set_num_threads(config["threads"])  # resolved by fit_stage from the Ray nodes' CPUs
     tracker = MlflowTracker(config["tracking_uri"], config["run_id"]) if rank == 0 else None
     if tracker is not None:  # what the throughput depends on, as the worker really saw it
         tracker.set_tags({"foresight.worker.glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
@@ -151,6 +169,7 @@ def _sft_worker(config: dict[str, Any]) -> None:
     try:
         init_model = None
         if config["init_model_uri"]:
+            Progress.of(tracker).phase("downloading the starting model")
             init_model = local_model_dir(config["init_model_uri"], config["tracking_uri"], work / "init")
 
         def report(path: Path | None, metrics: dict[str, float]) -> None:
@@ -163,14 +182,18 @@ def _sft_worker(config: dict[str, Any]) -> None:
                            check_task_uris=config.get("check_task_uris", ()))
 
         checkpoint = ray.train.get_checkpoint()
+        t0 = time.perf_counter()
         if checkpoint is None:
             result = run(None)
         else:
             with checkpoint.as_directory() as ckpt_dir:
                 result = run(ckpt_dir)
+        compute_s = time.perf_counter() - t0  # the stage function alone: data, training, evals, the check
         if rank == 0:
+            Progress.of(tracker).phase("logging the model to MLflow")
             tracker.log_artifacts(str(result.model_dir), MODEL_ARTIFACT)
-            tracker.log_metrics({"train_tokens_per_s": result.tokens_per_s}, step=result.step)
+            tracker.log_metrics({"train_tokens_per_s": result.tokens_per_s, "compute_s": compute_s},
+                                step=result.step)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -224,7 +247,9 @@ def fit_stage(worker: Any, loop_config: dict[str, Any], cfg: PipelineConfig, sta
     from ray.train.torch import TorchTrainer
 
     init_ray(cfg.infra.ray)
-    env_vars = {"OMP_NUM_THREADS": str(cfg.num_threads or scaling.cpus_per_worker)}
+    cpus, threads = worker_threads(cfg, scaling.num_workers, scaling.cpus_per_worker)
+    loop_config = {**loop_config, "threads": threads}
+    env_vars = {"OMP_NUM_THREADS": str(threads)}
     if scaling.malloc_tuning:
         env_vars["GLIBC_TUNABLES"] = MALLOC_TUNABLES
     storage_path, storage_fs = ray_storage(cfg)
@@ -232,7 +257,7 @@ def fit_stage(worker: Any, loop_config: dict[str, Any], cfg: PipelineConfig, sta
         worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                               resources_per_worker={"CPU": scaling.cpus_per_worker}),
+                                               resources_per_worker={"CPU": cpus}),
         run_config=ray.train.RunConfig(
             name=f"{cfg.name}-{stage}-{key}", storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
@@ -240,7 +265,8 @@ def fit_stage(worker: Any, loop_config: dict[str, Any], cfg: PipelineConfig, sta
             worker_runtime_env={"env_vars": env_vars}),
     )
     try:
-        result = trainer.fit()
+        with watch_stage(stage, tracker):  # the workers print nowhere: progress comes from the run rank 0 logs to
+            result = trainer.fit()
     except BaseException:
         tracker.finish("FAILED")
         raise

@@ -61,3 +61,36 @@ def test_ablation_columns_and_markdown():
     md = table_markdown([{"variant": "full", "paper_row": "full", **cols}])
     assert md.splitlines()[0].startswith("| variant | paper row | direct/ece_first | direct/score")
     assert "| full | full | 0.100 | 0.375 | 0.750 |" in md
+
+
+def _leaves(model, prefix=""):
+    """Every non-section field of a config by dotted path (lists and mapping-valued fields are leaves)."""
+    from pydantic import BaseModel
+
+    out = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        out.update(_leaves(value, f"{prefix}{name}.") if isinstance(value, BaseModel) else {prefix + name: value})
+    return out
+
+
+@pytest.mark.parametrize("table", sorted(p.stem for p in ABLATION_DIR.glob("*.yaml")))
+@pytest.mark.parametrize("preset", list_presets())
+def test_variant_changes_only_its_overrides(table, preset):
+    cfg = load_config(preset, env={})
+    base = _leaves(cfg)
+    for v in load_ablation(table).variants:
+        got = _leaves(apply_variant(cfg, v))
+        changed = {k for k in base if got[k] != base[k]} - {"stages", "name"}
+        named = {k for k in changed if any(k == d or k.startswith(d + ".") for d in v.overrides)}
+        assert changed == named, (v.name, changed - named)
+
+
+def test_variant_mapping_override_merges():
+    # laptop's fe_sft default keeps loss_on: assistant; a mapping override names two fields of two sections
+    cfg = load_config("laptop", env={})
+    v = Variant(name="m", stages=["corpus", "fc_rl"], overrides={"fc_rl": {"lr": 1e-3}, "fe_sft.scaling": {"num_workers": 2}})
+    base, got = _leaves(cfg), _leaves(apply_variant(cfg, v))
+    assert {k: got[k] for k in base if got[k] != base[k]} == {
+        "stages": ["corpus", "fc_rl"], "name": "laptop-m", "fc_rl.lr": 1e-3, "fe_sft.scaling.num_workers": 2}
+    assert apply_variant(cfg, v).fe_sft.loss_on == "assistant"

@@ -118,6 +118,52 @@ def test_serve_dry_run(capsys) -> None:
     assert "deployment build_corpus/tiny-corpus" in out
 
 
+def test_summary_table_from_refs_and_metrics() -> None:
+    refs = {"pipeline.run_id": "p", "corpus.run_id": "c", "corpus.reused": "true", "corpus.wall_s": "3.2",
+            "wm_amt.run_id": "w", "wm_amt.reused": "false", "wm_amt.wall_s": "61.5",
+            "wm_amt.model_uri": "runs:/w/model",
+            "fe_sft.run_id": "f", "fe_sft.reused": "true", "fe_sft.wall_s": "1.0", "fe_sft.model_uri": "runs:/f/model",
+            "fc_rl.run_id": "r", "fc_rl.reused": "false", "fc_rl.wall_s": "125", "fc_rl.model_uri": "runs:/r/model",
+            "eval.run_id": "e", "eval.reused": "false", "eval.wall_s": "40"}
+    metrics = {
+        "corpus": {"corpus.trajectories": 12, "corpus.success_rate": 0.5, "corpus.annotated_steps": 30},
+        "wm_amt": {"eval_loss": 2.3456, "eval_wm_loss": 3.1, "loss": 2.0},
+        "fe_sft": {"eval_loss": 1.2, "check/format_rate": 0.95, "check/success_rate": 0.1, "check/ece": 0.21,
+                   "check/grounding_rate": 0.4},
+        "fc_rl": {"eval_before/success_rate": 0.1, "eval_after/success_rate": 0.2, "eval_before/format_rate": 0.9,
+                  "eval_after/format_rate": 1.0, "eval_before/calib/ece": 0.3, "eval_after/calib/ece": 0.2,
+                  "eval_before/grounding_rate": 0.3, "eval_after/grounding_rate": 0.35},
+        # search: ECE 0.31; maths: no confidence stated, so no ECE -> the mean is search's alone
+        "eval": {"search_world/direct/score": 0.25, "search_world/direct/format_rate": 0.5,
+                 "search_world/direct/ece": 0.31, "search_world/direct/grounding_rate": 0.12,
+                 "gsm_symbolic/direct/score": 0.0, "gsm_symbolic/direct/format_rate": 1.0, "avg/direct/score": 0.125},
+    }
+    text = cli.summary_text("tiny", refs, metrics, "sqlite:////w/mlflow.db", "/w/mlartifacts/1/r/artifacts/model")
+    # 3.2 + 61.5 + 1 + 125 + 40 = 230.7 s -> 3:51
+    assert text.splitlines() == [
+        "foresight tiny: 5 stages in 3:51",
+        "  stage   wall  run      result",
+        "  corpus  0:03  reused   12 trajectories, success 50%, 30 annotated steps",
+        "  wm_amt  1:02  trained  held-out loss 2.346 | world-model loss 3.100",
+        "  fe_sft  0:01  reused   held-out loss 1.200 | world-model loss - | check: format 95%, success 10%, "
+        "ECE 0.210, grounding 40%",
+        "  fc_rl   2:05  trained  success 10% -> 20% | format 90% -> 100% | ECE 0.300 -> 0.200 | grounding 30% -> 35%",
+        "  eval    0:40  ran      gsm_symbolic/direct: score 0.000 | format 100% | ECE - | grounding -",
+        "                         search_world/direct: score 0.250 | format 50% | ECE 0.310 | grounding 12%",
+        "                         mean/direct: score 0.125 | format 75% | ECE 0.310 | grounding 12%",
+        "final model: runs:/r/model",
+        "  local folder: /w/mlartifacts/1/r/artifacts/model",
+        "MLflow: mlflow ui --backend-store-uri sqlite:////w/mlflow.db",
+    ]
+    # a server: its URL; a corpus-only run: no model; FC-RL without a held-out set: its last step
+    text = cli.summary_text("x", {"corpus.run_id": "c", "corpus.reused": "false", "fc_rl.run_id": "r",
+                                  "fc_rl.model_uri": "runs:/r/model"},
+                            {"fc_rl": {"success_rate": 0.5}}, "http://mlflow:5000")
+    assert "  corpus  -     built    0 trajectories, success -, 0 annotated steps" in text
+    assert "last step: success 50% | format - | ECE - | grounding -" in text
+    assert text.endswith("final model: runs:/r/model\nMLflow: http://mlflow:5000\n")
+
+
 @pytest.mark.slow
 def test_foresight_corpus_tiny_end_to_end(tmp_path: Path) -> None:
     """The real command on the embedded default: ephemeral Prefect with its home under the work
@@ -130,6 +176,9 @@ def test_foresight_corpus_tiny_end_to_end(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
     assert "  corpus.reused        false" in lines and f"MLflow: mlflow ui --backend-store-uri sqlite:///{work}/mlflow.db" in lines
+    # the summary table: one row, the corpus built, with its wall time and statistics
+    assert "foresight tiny: 1 stage in " in out.stdout
+    assert any(ln.startswith("  corpus  ") and " built " in ln and "trajectories, success" in ln for ln in lines)
     (manifest,) = work.glob("corpus/*/manifest.json")
     data = json.loads(manifest.read_text())
     assert data["successes"] >= 1 and data["failures"] >= 1 and data["annotated_steps"] >= 1

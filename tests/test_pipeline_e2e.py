@@ -12,7 +12,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_tiny_pipeline_end_to_end_then_ablation(prefect_server, ray_local, tiny_cfg) -> None:
+def test_tiny_pipeline_end_to_end_then_ablation(prefect_server, ray_local, tiny_cfg, capsys) -> None:
     import mlflow
 
     from foresight_core.config.ablation import load_ablation
@@ -26,6 +26,9 @@ def test_tiny_pipeline_end_to_end_then_ablation(prefect_server, ray_local, tiny_
     runs = {s: client.get_run(refs[f"{s}.run_id"]) for s in ("corpus", "wm_amt", "fe_sft", "fc_rl", "eval")}
     for stage, run in runs.items():
         assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent, stage
+    for stage in ("wm_amt", "fe_sft", "fc_rl", "eval"):  # one worker each: every CPU of ray_local (2)
+        assert runs[stage].data.tags["foresight.worker.torch_threads"] == "2", stage
+        assert runs[stage].data.metrics["compute_s"] > 0, stage
     # each stage names its input by reference: FE-SFT starts from WM-AMT's model, FC-RL from FE-SFT's,
     # eval plays FC-RL's model
     assert runs["fe_sft"].data.tags["foresight.input.init_model"] == refs["wm_amt.model_uri"]
@@ -44,6 +47,19 @@ def test_tiny_pipeline_end_to_end_then_ablation(prefect_server, ray_local, tiny_
             assert 0.0 <= m[f"{bench}/{mode}/score"] <= 1.0 and m[f"{bench}/{mode}/episodes"] >= 1
     report_dir = client.download_artifacts(runs["eval"].info.run_id, "eval_report.json")
     assert set(json.loads(Path(report_dir).read_text())) == {"search_world", "gsm_symbolic"}
+    # the end-of-run summary `foresight run` prints: one row per stage with its wall time, the final model
+    from foresight_flows import cli
+    from foresight_tasks.progress import clock
+
+    assert {f"{s}.wall_s" for s in runs} <= set(client.get_run(parent).data.metrics)
+    capsys.readouterr()
+    cli._summary(tiny_cfg, refs)
+    lines = capsys.readouterr().out.splitlines()
+    assert "foresight tiny: 5 stages in " in "\n".join(lines)
+    for stage in runs:
+        assert any(ln.startswith(f"  {stage}  ") and ln.split()[1] == clock(float(refs[f"{stage}.wall_s"]))
+                   for ln in lines), stage
+    assert f"final model: {refs['fc_rl.model_uri']}" in lines
 
     # two rows of the method table: the full row reuses every stage of the run above
     table = load_ablation("paper_table")

@@ -116,8 +116,11 @@ def test_group_batches_live_episodes_and_bad_turns_end_cleanly(tok):
     ]
     engine = ReplayEngine(tok, scripts)
     tasks = [_task(i) for i in range(4)]
-    rs = play_group(engine, bridge, _make_env, tasks, 1, SamplingParams(), max_turns=3)
+    seen = []
+    rs = play_group(engine, bridge, _make_env, tasks, 1, SamplingParams(), max_turns=3,
+                    on_progress=lambda *a: seen.append(a))
     assert [r.finish for r in rs] == ["answer", "malformed", "malformed", "turn_limit"]
+    assert seen == [(2, 4, 1), (3, 4, 2), (4, 4, 3)]  # (episodes done, episodes, turn) after every turn
     assert [r.format_ok for r in rs] == [True, False, False, True]
     assert [len(r.steps) for r in rs] == [2, 1, 1, 3]
     assert "missing" in rs[1].steps[0].reason

@@ -78,6 +78,7 @@ def test_two_worker_stages_chain_through_mlflow_and_are_reused(tmp_path: Path, m
     assert run.data.tags["foresight.input.corpus_manifest"] == f"{corpus}/manifest.json"
     assert run.data.tags["foresight.output.model_uri"] == wm["model_uri"]
     assert run.data.tags["foresight.worker.world_size"] == "2"
+    assert run.data.tags["foresight.worker.torch_threads"] == "1"  # two workers share the 2 CPUs of ray_local
     assert "glibc.malloc.mmap_max=0" in run.data.tags["foresight.worker.glibc_tunables"]  # reached the workers
     assert Path(wm["checkpoint"]).name == "step_000002" and (Path(wm["checkpoint"]) / "trainer_state.pt").exists()
 

@@ -28,7 +28,8 @@ class Variant(StrictModel):
     stages: list[Stage]
     """Stages this row runs, in pipeline order (corpus and eval are always wanted)."""
     overrides: dict[str, Any] = {}
-    """Dotted config paths and values applied on top of the base config (as ``--set``)."""
+    """Dotted config paths and values applied on top of the base config (as ``--set``: a mapping value
+    changes only the fields it names)."""
 
 
 class AblationConfig(StrictModel):

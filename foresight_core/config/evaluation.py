@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from foresight_core.config.base import StrictModel
 
@@ -17,7 +17,7 @@ class EvalConfig(StrictModel):
     samples_per_task: int = Field(default=1, ge=1)
     """k for mean@k / pass@k (the paper reports maths as mean@30 and pass@30)."""
     temperature: float = Field(default=0.0, ge=0)
-    """Sampling temperature; 0 is greedy (then samples_per_task > 1 repeats the same answer)."""
+    """Sampling temperature; 0 is greedy (one answer per task: samples_per_task > 1 needs temperature > 0)."""
     top_p: float = Field(default=1.0, gt=0, le=1)
     """Nucleus sampling (temperature > 0)."""
     max_new_tokens: int = Field(default=256, ge=8)
@@ -39,3 +39,10 @@ class EvalConfig(StrictModel):
     """Rollout engine: Hugging Face generate (CPU) or vLLM (GPU)."""
     sample_rows: int = Field(default=20, ge=0)
     """Episodes per benchmark kept as a table artifact."""
+
+    @model_validator(mode="after")
+    def _samples_need_sampling(self) -> "EvalConfig":
+        if self.samples_per_task > 1 and self.temperature == 0:
+            raise ValueError(f"eval.samples_per_task {self.samples_per_task} needs eval.temperature > 0: greedy "
+                             "decoding (temperature 0) gives every sample the same answer, so pass@k = mean@k")
+        return self

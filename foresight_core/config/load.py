@@ -1,5 +1,8 @@
 """Resolve a config: preset or file, then environment variables, then ``--set key.path=value``.
 
+Each layer changes only the fields it names: a section given as a mapping is merged into what is
+there (``set_path``) and then into the field's default (``StrictModel``), at every depth.
+
 Every failure (unknown preset, bad YAML, unknown key, bad value, bad override) raises
 ``ConfigError`` naming the field, before any work starts.
 """
@@ -7,11 +10,13 @@ Every failure (unknown preset, bad YAML, unknown key, bad value, bad override) r
 from __future__ import annotations
 
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from foresight_core.config.pipeline import PipelineConfig
 
@@ -57,19 +62,47 @@ def preset_path(name: str) -> Path:
 
 
 def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``data[a][b][c] = value`` for ``dotted = 'a.b.c'``, creating mappings on the way."""
+    """Set ``data[a][b][c] = value`` for ``dotted = 'a.b.c'``, creating mappings on the way.
+
+    A mapping set on a config section that holds a mapping already is merged into it, at every
+    depth (``fc_rl={lr: 1e-5}`` changes fc_rl.lr only); values, lists and mapping-valued fields
+    (``question_mix``) are replaced. Which keys are sections is read from ``PipelineConfig``.
+    """
     keys = dotted.split(".")
     if not all(keys):
         raise ConfigError(f"override key {dotted!r} has an empty part")
-    node = data
+    node, section = data, PipelineConfig
     for i, k in enumerate(keys[:-1]):
         nxt = node.get(k)
         if nxt is None:
             nxt = node[k] = {}
         if not isinstance(nxt, dict):
             raise ConfigError(f"override {dotted!r}: {'.'.join(keys[:i + 1])} is a value, not a section")
-        node = nxt
-    node[keys[-1]] = value
+        node, section = nxt, _section(section, k)
+    _put(node, keys[-1], value, section)
+
+
+def _put(node: dict[str, Any], key: str, value: Any, section: type[BaseModel] | None) -> None:
+    sub = _section(section, key)
+    old = node.get(key)
+    if sub is not None and isinstance(value, dict) and isinstance(old, dict):
+        old = node[key] = dict(old)
+        for k, v in value.items():
+            _put(old, k, v, sub)
+    else:
+        node[key] = value
+
+
+def _section(model: type[BaseModel] | None, name: str) -> type[BaseModel] | None:
+    """The model class of field ``name`` when it is a section (one model class, maybe optional);
+    None for values, plain mappings, unions of several models and unknown names."""
+    field = model.model_fields.get(name) if model is not None else None
+    if field is None:
+        return None
+    ann = field.annotation
+    args = typing.get_args(ann) if typing.get_origin(ann) in (typing.Union, types.UnionType) else (ann,)
+    args = tuple(a for a in args if a is not type(None))
+    return args[0] if len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], BaseModel) else None
 
 
 def parse_override(item: str) -> tuple[str, Any]:
