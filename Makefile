@@ -1,5 +1,6 @@
 # Foresight: the two commands of a fresh machine are `make run` and `make test`.
 #   make run     create .venv, install, run the whole pipeline on the embedded default (laptop preset)
+#                (ARGS='--set seed=1' passes options to `foresight run`)
 #   make test    create .venv, install, run the test suite (CI runs this through .ci/run)
 #   make tiny    the whole pipeline on the tiny preset (seconds per stage)
 #   make ui      the MLflow UI over the laptop preset's runs
@@ -9,6 +10,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PRESET ?= laptop
 PYTEST_ARGS ?=
+ARGS ?=
 
 .PHONY: install run tiny test ui clean
 
@@ -25,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: install
-	$(BIN)/foresight run --preset $(PRESET)
+	$(BIN)/foresight run --preset $(PRESET) $(ARGS)
 
 tiny: install
 	$(BIN)/foresight run --preset tiny

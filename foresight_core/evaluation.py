@@ -154,7 +154,7 @@ def play_benchmark(engine: RolloutEngine, bridge: Any, make_env: Callable[[Task]
         chunk = list(tasks[b:b + per_batch])
         report = None if on_progress is None else \
             (lambda done, _, turn, before=len(records): on_progress(before + done, len(tasks) * k, turn))
-        rollouts = play_group(engine, bridge, make_env, chunk, k, params, cfg.turn_format,
+        rollouts = play_group(engine, bridge, make_env, chunk, k, params, cfg.turn_format, max_turns=cfg.max_turns,
                               max_context_tokens=cfg.max_context_tokens, on_progress=report)
         records += [episode_record(r, benchmark, mode, i % k) for i, r in enumerate(rollouts)]
     return records

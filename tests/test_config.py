@@ -196,7 +196,7 @@ def test_preset_changes_only_the_fields_it_names(preset: str) -> None:
 def test_laptop_keeps_the_stage_defaults_of_wm_amt_and_fe_sft() -> None:
     # laptop.yaml names neither loss_on; PipelineConfig's fe_sft default is SFTConfig(loss_on="assistant")
     cfg = load_config("laptop", env={})
-    assert cfg.fe_sft.loss_on == "assistant" and cfg.fe_sft.format_check_tasks == 8
+    assert cfg.fe_sft.loss_on == "assistant" and cfg.fe_sft.format_check_tasks == 6
     assert cfg.wm_amt.loss_on == "all"
     assert "loss_on: assistant" in dump_config(cfg)
 

@@ -22,6 +22,8 @@ class EvalConfig(StrictModel):
     """Nucleus sampling (temperature > 0)."""
     max_new_tokens: int = Field(default=256, ge=8)
     """Tokens per turn."""
+    max_turns: int | None = Field(default=None, ge=1)
+    """Turn limit of an episode (None: the environment's own, e.g. ``envs.search_world.max_turns``)."""
     max_context_tokens: int = Field(default=4096, ge=64)
     """Prompt plus response tokens of one episode."""
     turn_format: Literal["foresight", "plain"] = "foresight"
