@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from foresight_tasks.progress import clock  # m:ss, as the run's own summary prints it
+
 STAGES = ("corpus", "wm_amt", "fe_sft", "fc_rl", "eval")
 
 
@@ -74,10 +76,6 @@ def stage_rows(tracking_uri: str) -> tuple[dict[str, dict[str, float]], str]:
             row["threads"] = run.data.tags["foresight.worker.torch_threads"]
         rows[stage] = row
     return rows, parent.info.run_id
-
-
-def clock(s: float) -> str:
-    return f"{int(s // 60)}:{int(s % 60):02d}"
 
 
 def report(rows: dict[str, dict[str, float]], total_s: float | None, budget_s: float) -> str:
