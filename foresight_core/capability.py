@@ -196,7 +196,7 @@ def run_format_check(cfg: Any, stage: str, model_dir: str | os.PathLike, task_ur
     return format_check(model, tokenizer, task_sets, cfg.envs, n_tasks=stage_cfg.format_check_tasks,
                         foresight=stage_cfg.foresight, temperature=stage_cfg.format_check_temperature,
                         max_new_tokens=stage_cfg.format_check_max_new_tokens,
-                        max_context_tokens=cfg.eval.max_context_tokens, max_batch=cfg.eval.batch_size,
+                        max_turns=stage_cfg.format_check_max_turns, max_context_tokens=cfg.eval.max_context_tokens, max_batch=cfg.eval.batch_size,
                         seed=cfg.seed, on_progress=on_progress)
 
 

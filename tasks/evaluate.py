@@ -90,20 +90,18 @@ class EvalWorker:
         import torch
 
         from foresight_core.envs import env_for_task
-        from foresight_core.evaluation import play_benchmark
+        from foresight_core.evaluation import play_tasks
         from foresight_core.types import Task
 
         t0 = time.perf_counter()
         torch.manual_seed(self.cfg.seed)
-        by_bench: dict[str, list[Task]] = {}
-        for bench, task_json in zip(batch["benchmark"], batch["task"]):
-            by_bench.setdefault(str(bench), []).append(Task.from_dict(json.loads(task_json)))
+        tasks = [(str(bench), Task.from_dict(json.loads(task_json)))
+                 for bench, task_json in zip(batch["benchmark"], batch["task"])]
         records: list[dict[str, Any]] = []
-        for bench, tasks in by_bench.items():
-            for mode in modes(self.cfg.eval):
-                records += play_benchmark(self.engine, self.bridge, lambda t: env_for_task(t, self.cfg.envs),
-                                          tasks, self.cfg.eval, bench, mode,
-                                          on_progress=self.progress.episodes(offset=self.episodes + len(records)))
+        for mode in modes(self.cfg.eval):  # the batch's benchmarks play together
+            records += play_tasks(self.engine, self.bridge, lambda t: env_for_task(t, self.cfg.envs),
+                                  tasks, self.cfg.eval, mode,
+                                  on_progress=self.progress.episodes(offset=self.episodes + len(records)))
         self.episodes += len(records)
         self.progress.update(self.episodes, force=True)
         seconds = (time.perf_counter() - t0) / max(len(records), 1)  # the batch's play time, spread over its rows

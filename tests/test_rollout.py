@@ -184,6 +184,37 @@ def test_hf_engine_stops_at_stop_token(tok):
     assert gens[0].token_ids == [nxt] and gens[0].finished
 
 
+def test_hf_engine_reuses_the_kept_cache_across_turns(tok):
+    """Turn 2 re-sends turn 1's prompt and output plus an observation: with ``reuse_kv`` only the new tokens
+    run, and the tokens and log-probs equal a full recomputation's. A weight change drops the kept cache."""
+    model = _tiny_model()
+    prompts = [tok.encode("hello there", add_special_tokens=False),
+               tok.encode("a much longer prompt with many more tokens in it", add_special_tokens=False)]
+    obs = tok.encode(" an observation comes back", add_special_tokens=False)
+    params = SamplingParams(temperature=0, max_new_tokens=5)
+
+    def two_turns(engine):
+        first = engine.generate(prompts, params)
+        second = engine.generate([p + g.token_ids + obs[:k + 2] for k, (p, g) in enumerate(zip(prompts, first))],
+                                 params)
+        return [(g.token_ids, g.logprobs) for g in first + second]
+
+    plain, kept = HFEngine(model, tok, reuse_kv=False), HFEngine(model, tok)
+    want, got = two_turns(plain), two_turns(kept)
+    assert [t for t, _ in got] == [t for t, _ in want]
+    for (_, a), (_, b) in zip(got, want):
+        assert a == pytest.approx(b, abs=1e-4)
+    # turn 2 ran only what turn 1 had not: every prompt token and all but the last sampled one were reused
+    assert plain.reused_tokens == 0
+    assert kept.reused_tokens == sum(len(p) + len(t) - 1 for p, (t, _) in zip(prompts, want[:2]))
+    # an optimiser step changes the weights in place: the kept cache (of the old weights) must not be used
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    before = kept.reused_tokens
+    kept.generate([p + t + obs for p, (t, _) in zip(prompts, got[2:])], params)
+    assert kept.reused_tokens == before
+
+
 def test_top_p_sampling_distribution():
     from foresight_core.rollout import _SampledLogprobs
     # p = [0.5, 0.3, 0.2], top_p 0.6: mass before token 1 is 0.5 < 0.6 -> kept; before token 2 0.8 -> dropped

@@ -84,6 +84,8 @@ class SFTConfig(StrictModel):
     """Sampling temperature of the check's free generation (0: greedy decoding)."""
     format_check_max_new_tokens: int = Field(default=256, ge=1)
     """Tokens the check generates per turn; a turn that has not ended by then counts as malformed."""
+    format_check_max_turns: int | None = Field(default=None, ge=1)
+    """Turns per check episode (None: each environment's own limit); an episode still going ends unanswered."""
     scaling: ScalingConfig = ScalingConfig()
     """Ray Train scaling."""
 
