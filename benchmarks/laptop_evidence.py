@@ -69,9 +69,7 @@ def main() -> None:
     from foresight_core.capability import held_out_task_uris, read_tasks, run_format_check, summary_line
     from foresight_core.config import load_config
     from foresight_core.corpus import build_corpus
-    from foresight_core.envs import env_for_task
-    from foresight_core.fc_rl import eval_subset, train_fc_rl
-    from foresight_core.models import compute_dtype, load_model, save_model
+    from foresight_core.fc_rl import eval_subset, run_fc_rl
     from foresight_core.sft import run_sft
 
     torch.set_num_threads(a.threads)
@@ -119,16 +117,13 @@ def main() -> None:
         rl = cfg.fc_rl
         train = read_tasks(f"{corpus}/rl_tasks.jsonl")
         held = eval_subset([t for u in check_uris for t in read_tasks(u)], rl.n_eval_tasks)  # as the stage does
-        model_cfg = cfg.model.model_copy(update={"source": "hf", "name_or_path": str(out / "wm_fe" / "model")})
-        model, tok = load_model(model_cfg, "cpu", seed=cfg.seed)
         t0 = time.perf_counter()
-        res = train_fc_rl(rl, model, tok, train, lambda task: env_for_task(task, cfg.envs), seed=cfg.seed,
-                          eval_tasks=held, tracker=PrintTracker(), autocast_dtype=compute_dtype(model_cfg, "cpu"))
+        res = run_fc_rl(cfg, train, out / "fc_rl", eval_tasks=held, init_model=str(out / "wm_fe" / "model"),
+                        tracker=PrintTracker()).result
         train_min = sum(h["perf/step_s"] for h in res.history) / 60
         results["fc_rl"] = {"before": {k: res.eval_before.get(k) for k in RL_KEYS},
                             "after": {k: res.eval_after.get(k) for k in RL_KEYS}, "n_eval_tasks": len(held),
                             "train_minutes": train_min, "minutes": (time.perf_counter() - t0) / 60}
-        save_model(model, tok, out / "fc_rl" / "model")
         print(f"fc_rl ({rl.max_steps} steps, {train_min:.1f} min of training; {len(held)} held-out tasks at "
               f"T={rl.temperature}):", flush=True)
         for k in RL_KEYS:

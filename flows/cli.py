@@ -37,7 +37,7 @@ STAGE_HELP = {
 def build_parser() -> argparse.ArgumentParser:
     config_args = argparse.ArgumentParser(add_help=False)
     source = config_args.add_mutually_exclusive_group()
-    source.add_argument("--preset", metavar="NAME", help=f"a preset in configs/presets ({', '.join(list_presets())}); "
+    source.add_argument("--preset", metavar="NAME", help=f"a preset in foresight_core/config/presets ({', '.join(list_presets())}); "
                                                           "default: laptop")
     source.add_argument("--config", metavar="FILE", help="a YAML config file instead of a preset")
     config_args.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "that are installed, finished ones reused")
     ablate = sub.add_parser("ablate", parents=[config_args], help="the method's ablation table in one flow run: "
                             "every variant trained and evaluated, shared stages reused")
-    ablate.add_argument("--table", default="paper_table", help="a table in configs/ablations or a YAML file "
+    ablate.add_argument("--table", default="paper_table", help="a table in foresight_core/config/ablations or a YAML file "
                         "(default: paper_table)")
     ablate.add_argument("--only", action="append", default=[], metavar="VARIANT",
                         help="run only these variants (repeatable)")
@@ -280,9 +280,6 @@ def main(argv: list[str] | None = None) -> int:
         _summary(cfg, {"ablation.run_id": out["ablation.run_id"]})
         return 0
 
-    if args.command in STAGE_COMMANDS and not flows.stage_available(STAGE_COMMANDS[args.command]):
-        stage = STAGE_COMMANDS[args.command]
-        return _fail(f"stage {stage} is not in this install (module {flows.STAGE_MODULES[stage]} is missing)")
     cfg = cfg.model_copy(update={"stages": stages_for(args.command, cfg)})
     refs = flows.build_corpus(cfg) if args.command == "corpus" else flows.pipeline(cfg)
     _summary(cfg, refs)

@@ -10,21 +10,21 @@ UI form cannot run). Credentials never travel in flow parameters: a deployment s
 masked, and a masked, empty or default infra field is filled from the environment of the
 process running the flow (``revalidate``).
 
-Every stage is a Prefect task with one signature, ``stage(cfg, refs, parent_run_id) -> new refs``:
-the corpus task is ``foresight_tasks.corpus.corpus``, the training stages below wrap
-``foresight_tasks.train`` and ``foresight_tasks.rl``, the eval stage's module brings its own
-``evaluate`` task. Stages pass references (manifest and model URIs, MLflow run ids), never
-tensors, and reuse their finished output when run again with the same config and inputs.
-``pipeline`` runs the stages of ``cfg.stages`` in order, skipping (with a warning) any stage
-whose module this install lacks and any stage whose config says ``enabled: false``.
-MLflow: one parent run per flow run, one nested run per stage.
+The DAG lives here and only here. Every stage is a Prefect task below with one signature,
+``stage(cfg, refs, parent_run_id) -> new refs``, and each wraps one adapter of ``foresight_tasks``
+(``corpus``, ``train``, ``rl``, ``evaluate``), which knows nothing of other stages. What feeds what is
+decided here: every stage reads the corpus this pipeline built (``corpus_uri``), and every stage after
+WM-AMT starts from the newest model of this pipeline run (``starting_model``: FE-SFT from WM-AMT's,
+FC-RL from FE-SFT's, eval from FC-RL's; a stage that did not run is passed over, down to the config's
+base model). Stages pass references (manifest and model URIs, MLflow run ids), never tensors, and
+reuse their finished output when run again with the same config, inputs and code.
+``pipeline`` runs the stages of ``cfg.stages`` in order, skipping any stage whose config says
+``enabled: false``. MLflow: one parent run per flow run, one nested run per stage.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib
-import importlib.util
 import os
 import time
 from collections.abc import Mapping
@@ -41,21 +41,6 @@ from foresight_core.config.ablation import AblationConfig
 from foresight_core.config.load import ENV_OVERRIDES, set_path, validate
 from foresight_tasks.runtime import is_local_uri, local_path, setup_env
 from foresight_tasks.tracking import MASK, config_yaml, flatten, mask_text, mlflow_run
-
-# stage -> the foresight_tasks module that implements it; a stage whose module is missing is skipped
-STAGE_MODULES: dict[str, str] = {
-    "corpus": "foresight_tasks.corpus",
-    "wm_amt": "foresight_tasks.train",
-    "fe_sft": "foresight_tasks.train",
-    "fc_rl": "foresight_tasks.rl",
-    "eval": "foresight_tasks.evaluate",
-}
-
-
-def stage_available(stage: str) -> bool:
-    """Whether this install has the stage's module (checked without importing it)."""
-    return importlib.util.find_spec(STAGE_MODULES[stage]) is not None
-
 
 def stage_enabled(cfg: PipelineConfig, stage: str) -> bool:
     section = getattr(cfg, stage, None)
@@ -100,8 +85,24 @@ def _get(data: Any, dotted: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# Training stage tasks. No Prefect retries here: Ray Train's FailureConfig already restarts a
-# stage from its last checkpoint, and running the stage again resumes its unfinished MLflow run.
+# The stages as Prefect tasks, and the lineage rule. No Prefect retries on the Ray stages: Ray Train's
+# FailureConfig already restarts a stage from its last checkpoint, and running the stage again resumes
+# its unfinished MLflow run.
+
+MODEL_STAGES = ("wm_amt", "fe_sft", "fc_rl")  # the stages that train a model, in pipeline order
+
+
+def starting_model(stage: str, refs: Mapping[str, str]) -> str | None:
+    """The lineage rule: the newest model that this pipeline run trained before ``stage`` (None: the base model)."""
+    earlier = MODEL_STAGES[:MODEL_STAGES.index(stage)] if stage in MODEL_STAGES else MODEL_STAGES
+    return next((refs[f"{s}.model_uri"] for s in reversed(earlier) if refs.get(f"{s}.model_uri")), None)
+
+
+def corpus_uri(cfg: PipelineConfig, refs: Mapping[str, str]) -> str:
+    """The corpus the stages read: the one this pipeline built, else the newest finished one of this config."""
+    from foresight_tasks.corpus import find_corpus
+
+    return find_corpus(cfg, refs.get("corpus.uri")).uri
 
 
 def _stage_refs(stage: str, ref: dict[str, Any]) -> dict[str, str]:
@@ -113,51 +114,62 @@ def _stage_refs(stage: str, ref: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+@task(name="corpus", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def corpus(cfg: PipelineConfig, refs: dict[str, str], parent_run_id: str | None) -> dict[str, str]:
+    """Stage 0: play the environments with the behaviour policy on Ray Data, annotate z_t and q_t in
+    hindsight, write the datasets with a manifest. Retried once: the build is idempotent (a folder
+    without its manifest is rebuilt, a complete one reused). No Prefect result cache: reuse lives in
+    the manifest, so it holds across Prefect servers and machines."""
+    from foresight_tasks.corpus import run_corpus_stage
+
+    return run_corpus_stage(cfg, parent_run_id)
+
+
 @task(name="wm_amt", cache_policy=NO_CACHE)
 def wm_amt(cfg: PipelineConfig, refs: dict[str, str], parent_run_id: str | None) -> dict[str, str]:
     """Stage 1: next-token loss over the annotated corpus, from the base model."""
-    from foresight_tasks.corpus import find_corpus
     from foresight_tasks.train import run_sft_stage
 
-    corpus = find_corpus(cfg, refs)
-    return _stage_refs("wm_amt", run_sft_stage("wm_amt", cfg, corpus.uri, parent_run_id=parent_run_id))
+    return _stage_refs("wm_amt", run_sft_stage("wm_amt", cfg, corpus_uri(cfg, refs),
+                                               init_model_uri=starting_model("wm_amt", refs),
+                                               parent_run_id=parent_run_id))
 
 
 @task(name="fe_sft", cache_policy=NO_CACHE)
 def fe_sft(cfg: PipelineConfig, refs: dict[str, str], parent_run_id: str | None) -> dict[str, str]:
     """Stage 2: assistant-token loss on the FE-SFT set, from WM-AMT's model when WM-AMT ran in this
     pipeline (the full method), else from the base model (the FE-SFT-only baseline)."""
-    from foresight_tasks.corpus import find_corpus
     from foresight_tasks.train import run_sft_stage
 
-    corpus = find_corpus(cfg, refs)
-    ref = run_sft_stage("fe_sft", cfg, corpus.uri, init_model_uri=refs.get("wm_amt.model_uri"),
-                        parent_run_id=parent_run_id)
-    return _stage_refs("fe_sft", ref)
+    return _stage_refs("fe_sft", run_sft_stage("fe_sft", cfg, corpus_uri(cfg, refs),
+                                               init_model_uri=starting_model("fe_sft", refs),
+                                               parent_run_id=parent_run_id))
 
 
 @task(name="fc_rl", cache_policy=NO_CACHE)
 def fc_rl(cfg: PipelineConfig, refs: dict[str, str], parent_run_id: str | None) -> dict[str, str]:
-    """Stage 3: foresight-conditioned GRPO on the corpus's RL tasks, from the latest model of this
-    pipeline run (FE-SFT's, else WM-AMT's, else the base model)."""
-    from foresight_tasks.corpus import find_corpus
+    """Stage 3: foresight-conditioned GRPO on the corpus's RL tasks, from the newest model of this run."""
     from foresight_tasks.rl import run_fc_rl_stage
 
-    corpus = find_corpus(cfg, refs)
-    init = refs.get("fe_sft.model_uri") or refs.get("wm_amt.model_uri")
-    return _stage_refs("fc_rl", run_fc_rl_stage(cfg, init, corpus.uri, parent_run_id=parent_run_id))
+    return _stage_refs("fc_rl", run_fc_rl_stage(cfg, starting_model("fc_rl", refs), corpus_uri(cfg, refs),
+                                                parent_run_id=parent_run_id))
 
 
-def stage_task(stage: str) -> Any:
-    """The Prefect task of a stage. The eval stage's module provides its own task, ``evaluate``,
-    with the same signature."""
-    if stage == "corpus":
-        from foresight_tasks.corpus import corpus
+@task(name="eval", cache_policy=NO_CACHE)
+def evaluate(cfg: PipelineConfig, refs: dict[str, str], parent_run_id: str | None) -> dict[str, str]:
+    """Stage 4: held-out benchmarks for the newest model of this run (else the base model): score,
+    calibration, grounding, format and test-time planning."""
+    from foresight_tasks.evaluate import run_eval_stage
 
-        return corpus
-    if stage == "eval":
-        return importlib.import_module(STAGE_MODULES["eval"]).evaluate
-    return {"wm_amt": wm_amt, "fe_sft": fe_sft, "fc_rl": fc_rl}[stage]
+    ref = run_eval_stage(cfg, starting_model("eval", refs), corpus_uri(cfg, refs), parent_run_id=parent_run_id)
+    out = {"eval.run_id": str(ref["run_id"]), "eval.reused": str(ref["reused"]).lower()}
+    for k in ("avg/direct/score", "avg/planning/score"):
+        if k in ref["metrics"]:
+            out[f"eval.{k}"] = f"{ref['metrics'][k]:.4f}"
+    return out
+
+
+STAGE_TASKS: dict[str, Any] = {"corpus": corpus, "wm_amt": wm_amt, "fe_sft": fe_sft, "fc_rl": fc_rl, "eval": evaluate}
 
 
 def _run_stages(cfg: PipelineConfig, stages: list[str], run_name: str,
@@ -166,9 +178,7 @@ def _run_stages(cfg: PipelineConfig, stages: list[str], run_name: str,
     setup_env(cfg)  # Ray and MLflow defaults for a flow started by a worker rather than the CLI
     runnable: list[str] = []
     for stage in stages:
-        if not stage_available(stage):
-            logger.warning("stage %s skipped: %s is not in this install", stage, STAGE_MODULES[stage])
-        elif not stage_enabled(cfg, stage):
+        if not stage_enabled(cfg, stage):
             logger.info("stage %s skipped: %s.enabled is false", stage, stage)
         else:
             runnable.append(stage)
@@ -180,7 +190,7 @@ def _run_stages(cfg: PipelineConfig, stages: list[str], run_name: str,
         for stage in runnable:
             logger.info("stage %s", stage)
             t0 = time.perf_counter()
-            refs.update(stage_task(stage)(cfg, dict(refs), parent.run_id))
+            refs.update(STAGE_TASKS[stage](cfg, dict(refs), parent.run_id))
             wall_s = time.perf_counter() - t0  # the whole task: reuse checks, Ray start-up, uploads included
             refs[f"{stage}.wall_s"] = f"{wall_s:.1f}"
             parent.log_metrics({f"{stage}.wall_s": wall_s})

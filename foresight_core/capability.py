@@ -13,13 +13,13 @@ adherence above 95%) and how good the world model it elicited is, against the re
 - ``format_rate``: episodes whose every turn is well formed and ended; ``valid_turn_rate``: turns.
 - ``success_rate``: episodes answered correctly.
 - ``grounding_rate``: mean over well-formed turns with keywords of the share of predicted keywords
-  found in the real future (``grpo.grounding_reward`` over ``grpo.future_texts``, as FC-RL scores it).
+  found in the real future (``scoring.grounding`` over ``scoring.future_texts``, as FC-RL scores it).
 - ``ece`` / ``brier`` / ``mean_confidence``: the stated confidence of every well-formed turn against
   the episode's outcome (10 equal-width bins for ECE).
 - ``n_tasks``; per set ``<set>/format_rate`` and ``<set>/success_rate``.
 
 Metrics without data (no well-formed turn stated a confidence or keywords) are left out, not NaN.
-Scoring reuses ``fc_rl.score_rollout`` / ``fc_rl.rollout_metrics``; nothing here imports Ray,
+Scoring is ``foresight_core.scoring``'s, as FC-RL's and evaluation's; nothing here imports Ray,
 Prefect or MLflow. ``run_format_check`` is the stage's entry: a saved model folder and task URIs in.
 """
 
@@ -33,9 +33,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from foresight_core.config.envs import EnvsConfig
-from foresight_core.config.rl import FCRLConfig
 from foresight_core.envs.base import Env
-from foresight_core.fc_rl import rollout_metrics, score_rollout
+from foresight_core.scoring import episode_facts, summarise_episodes
 from foresight_core.rollout import Rollout, RolloutEngine, SamplingParams, play_group
 from foresight_core.types import Task
 
@@ -117,20 +116,11 @@ def check_metrics(rollouts: Sequence[Rollout], sets: Sequence[str] | None = None
     the set of ``rollouts[i]`` (per-set format and success rates)."""
     if sets is not None and len(sets) != len(rollouts):
         raise ValueError(f"{len(rollouts)} rollouts but {len(sets)} set names")
-    score_cfg = FCRLConfig()  # only the task score and R_E depend on it; neither is reported here
-    fc = rollout_metrics([score_rollout(r, score_cfg) for r in rollouts]) if rollouts else {}
-    steps = [s for r in rollouts for s in r.steps]
-    confs = [s.confidence for s in steps if s.valid and s.confidence is not None]
-    m: dict[str, float] = {
-        "n_tasks": float(len(rollouts)),
-        "format_rate": fc.get("format_rate", math.nan),
-        "valid_turn_rate": sum(s.valid for s in steps) / len(steps) if steps else math.nan,
-        "success_rate": fc.get("success_rate", math.nan),
-        "grounding_rate": fc.get("grounding_rate", math.nan),
-        "ece": fc.get("calib/ece", math.nan),
-        "brier": fc.get("calib/brier", math.nan),
-        "mean_confidence": sum(confs) / len(confs) if confs else math.nan,
-    }
+    ep = summarise_episodes([episode_facts(r) for r in rollouts]) if rollouts else {}
+    m: dict[str, float] = {"n_tasks": float(len(rollouts))}
+    for key in ("format_rate", "valid_turn_rate", "success_rate", "grounding_rate", "ece", "brier",
+                "mean_confidence"):
+        m[key] = ep.get(key, math.nan)
     for name in sorted(set(sets or ())):
         mine = [r for r, s in zip(rollouts, sets or ()) if s == name]
         m[f"{name}/format_rate"] = sum(r.format_ok for r in mine) / len(mine)

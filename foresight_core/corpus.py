@@ -14,7 +14,7 @@ them and hands ``collect_items`` to Ray Data):
      - ``<imaginary>``: the future actions, abstracted (terms first found later become
        "[what step k finds]"; the final answer is never written unless the question names it);
      - ``<keyword>``: salient terms that really occur in the future tau_{>=t} (its actions and
-       observations, as in grpo.future_texts), never an answer not yet seen;
+       observations, as in scoring.future_texts), never an answer not yet seen;
      - ``<analysis>``: what is known at t and what is still missing (from the gold plan when the
        task has one);
      - ``<confidence>`` q_t: the success rate of ``mc_rollouts`` re-rollouts of the behaviour
@@ -53,7 +53,6 @@ import hashlib
 import json
 import random
 import re
-import string
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -68,6 +67,8 @@ from foresight_core.envs.base import Env
 from foresight_core.chat import trajectory_messages
 from foresight_core.format import ALL_TAGS, render_wm
 from foresight_core.policies import LLMPolicy, Policy, expert_for
+from foresight_core.scoring import future_texts, occurs
+from foresight_core.scoring import normalise_text as norm
 from foresight_core.storage import DatasetWriter, join_uri, load_manifest, read_rows
 from foresight_core.types import Action, Step, StepResult, Task, Trajectory, Turn, WorldModelBlock
 
@@ -284,7 +285,6 @@ class Rollouts:
 # ---------------------------------------------------------------------------------------------
 # 2b. Hindsight annotation: z_t from the real future of the same trajectory
 
-_PUNCT = re.compile("[" + re.escape(string.punctuation) + "]")
 # A name: capitalised words, possibly joined by "of" / "the" ("The Ballad of Orvenna", "Velmor Institute").
 _ENTITY = re.compile(r"\b[A-Z][\w'-]*(?:\s+(?:(?:of|the|de|von|van)\s+)*[A-Z][\w'-]*)*")
 _NUMBER = re.compile(r"(?<![\w.])-?\d+(?:,\d{3})*(?:\.\d+)?(?![\w])")
@@ -292,20 +292,10 @@ _QUESTION_WORDS = frozenset("where who whom whose what which when why how in on 
                             "for from of first next then doc".split())  # "Doc 1 (Title)" heads search results
 
 
-def norm(text: str) -> str:
-    """Lower case, punctuation to spaces, whitespace collapsed (grpo.normalise_text's form)."""
-    return " ".join(_PUNCT.sub(" ", text.lower()).split())
-
-
-def occurs(term: str, text: str) -> bool:
-    """``term`` occurs in ``text`` as whole normalised tokens (how grpo.grounding_reward matches keywords)."""
-    t = norm(term)
-    return bool(t) and f" {t} " in f" {norm(text)} "
-
-
 def future_text(steps: Sequence[Step], t: int) -> str:
-    """tau_{>=t}: the action of step t and every later action and observation (no think, no wm)."""
-    return "\n".join(p for s in steps[t:] for p in (s.turn.action.content, s.observation) if p)
+    """tau_{>=t}: the action of step t and every later action and observation (no think, no wm), exactly
+    the text FC-RL's grounding reward and evaluation match keywords in (``scoring.future_texts``)."""
+    return future_texts([s.turn.action.content for s in steps], [s.observation for s in steps])[t]
 
 
 def known_text(task: Task, steps: Sequence[Step], t: int) -> str:

@@ -36,8 +36,7 @@ from foresight_core.config.envs import EnvsConfig
 from foresight_core.config.evaluation import EvalConfig
 from foresight_core.envs.base import Env
 from foresight_core.format import parse_turn
-from foresight_core.grpo import future_texts, grounding_reward
-from foresight_core.metrics import brier_score, expected_calibration_error
+from foresight_core.scoring import episode_facts, summarise_episodes
 from foresight_core.rollout import Generation, Rollout, RolloutEngine, SamplingParams, play_group
 from foresight_core.types import Task
 
@@ -87,18 +86,12 @@ def select_plan(candidates: Sequence[Generation], tokenizer: Any) -> Generation:
 
 
 def episode_record(r: Rollout, benchmark: str, mode: str, sample: int) -> dict[str, Any]:
-    """What evaluation keeps of an episode: outcome, stated confidences, grounding, format and length."""
-    futures = future_texts([s.action.content if s.action else "" for s in r.steps], [s.observation for s in r.steps])
-    grounding = [grounding_reward(s.keywords, fut) for s, fut in zip(r.steps, futures) if s.valid and s.keywords]
-    confidences = [s.confidence if s.valid else None for s in r.steps]
+    """What evaluation keeps of an episode: ``scoring.episode_facts`` (outcome, stated confidences,
+    grounding, format, length, how it ended) with the task, the answer and the F1."""
     answer = next((s.action.content for s in reversed(r.steps) if s.action and s.action.kind == "answer"), None)
-    return {
-        "benchmark": benchmark, "mode": mode, "task_id": r.task.id, "env": r.env, "sample": sample,
-        "question": r.task.question, "gold": list(r.task.answers), "answer": answer,
-        "success": bool(r.success), "score": float(r.score), "f1": float(r.info.get("f1", r.score)),
-        "format_ok": bool(r.format_ok), "finish": r.finish, "turns": len(r.steps),
-        "gen_tokens": int(r.generated_tokens), "confidences": confidences, "grounding": grounding,
-    }
+    return {"benchmark": benchmark, "mode": mode, "task_id": r.task.id, "env": r.env, "sample": sample,
+            "question": r.task.question, "gold": list(r.task.answers), "answer": answer,
+            "f1": float(r.info.get("f1", r.score)), **episode_facts(r)}
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -106,33 +99,17 @@ def _mean(xs: Sequence[float]) -> float:
 
 
 def summarise(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """Aggregate episode records of one benchmark and mode (k samples per task -> mean@k and pass@k)."""
+    """Aggregate episode records of one benchmark and mode: ``scoring.summarise_episodes`` plus the task
+    score (k samples per task -> ``score`` = mean@k, ``pass_at_k`` = solved by any sample) and ``f1``."""
     if not records:
         raise ValueError("summarise() needs at least one episode record")
     by_task: dict[str, list[Mapping[str, Any]]] = {}
     for rec in records:
         by_task.setdefault(rec["task_id"], []).append(rec)
-    out = {
-        "episodes": float(len(records)),
-        "tasks": float(len(by_task)),
-        "score": _mean([r["score"] for r in records]),  # mean@k
-        "pass_at_k": _mean([float(any(r["success"] for r in rs)) for rs in by_task.values()]),
-        "f1": _mean([r["f1"] for r in records]),
-        "format_rate": _mean([float(r["format_ok"]) for r in records]),
-        "gen_tokens": _mean([r["gen_tokens"] for r in records]),
-        "turns": _mean([r["turns"] for r in records]),
-        "grounding_rate": _mean([g for r in records for g in r["grounding"]]),
-    }
-    pairs = [(q, float(r["success"])) for r in records for q in r["confidences"] if q is not None]
-    first = [(r["confidences"][0], float(r["success"])) for r in records if r["confidences"] and r["confidences"][0] is not None]
-    out["confidence_rate"] = len(pairs) / max(1, sum(r["turns"] for r in records))
-    for suffix, ps in (("", pairs), ("_first", first)):
-        if ps:
-            out["ece" + suffix] = expected_calibration_error([q for q, _ in ps], [o for _, o in ps])
-            out["brier" + suffix] = brier_score([q for q, _ in ps], [o for _, o in ps])
-        else:  # no stated confidence at all: calibration is undefined, not perfect
-            out["ece" + suffix] = out["brier" + suffix] = float("nan")
-    return out
+    return {**summarise_episodes(records), "tasks": float(len(by_task)),
+            "score": _mean([r["score"] for r in records]),  # mean@k
+            "pass_at_k": _mean([float(any(r["success"] for r in rs)) for rs in by_task.values()]),
+            "f1": _mean([r["f1"] for r in records])}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,11 +45,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from foresight_core import grpo
+from foresight_core import grpo, scoring
 from foresight_core.chat import ChatBridge
 from foresight_core.config.rl import FCRLConfig
 from foresight_core.envs.base import Env
-from foresight_core.metrics import brier_score, expected_calibration_error
 from foresight_core.rollout import HFEngine, Rollout, RolloutEngine, SamplingParams, play_group
 from foresight_core.tracking import NullTracker, Progress, Tracker
 from foresight_core.types import Task
@@ -83,11 +82,11 @@ def score_rollout(r: Rollout, cfg: FCRLConfig) -> ScoredRollout:
     else:
         task_score = r.score
     outcome = float(r.success)
-    futures = grpo.future_texts([s.action.content if s.action else "" for s in r.steps],
-                                [s.observation for s in r.steps])
+    futures = scoring.future_texts([s.action.content if s.action else "" for s in r.steps],
+                                   [s.observation for s in r.steps])
     r_calib = [grpo.calibration_reward(s.confidence, outcome) if s.valid and s.confidence is not None else None
                for s in r.steps]
-    r_ground = [grpo.grounding_reward(s.keywords, fut) if s.valid and s.keywords else None
+    r_ground = [scoring.grounding(s.keywords, fut) if s.valid and s.keywords else None
                 for s, fut in zip(r.steps, futures)]
     a_step = grpo.step_advantages([s.confidence if s.valid else None for s in r.steps], outcome)
     return ScoredRollout(rollout=r, task_score=task_score, r_episode=grpo.episode_reward(task_score, r.format_ok,
@@ -322,30 +321,29 @@ def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
 
 
 def rollout_metrics(scored: Sequence[ScoredRollout], prefix: str = "") -> dict[str, float]:
-    """Reward components, calibration, grounding, format and lengths of a set of scored rollouts."""
+    """Reward components and advantages of a set of scored rollouts, with their episode metrics
+    (``scoring.summarise_episodes``: success, format, grounding, calibration as ``calib/*``, how they ended)."""
     def ok(xs: Sequence[float | None]) -> list[float]:
         return [x for x in xs if x is not None]
 
     rs = [s.rollout for s in scored]
-    confs = [(st.confidence, float(r.success)) for r in rs for st in r.steps if st.valid and st.confidence is not None]
-    r_e, r_c = [s.r_episode for s in scored], [x for s in scored for x in ok(s.r_calib)]
-    r_g = [x for s in scored for x in ok(s.r_ground)]
     m: dict[str, float] = {}
-    for name, xs in (("reward/episode", r_e), ("reward/task_score", [s.task_score for s in scored]),
-                     ("reward/calibration", r_c), ("reward/grounding", r_g),
+    for name, xs in (("reward/episode", [s.r_episode for s in scored]),
+                     ("reward/task_score", [s.task_score for s in scored]),
+                     ("reward/calibration", [x for s in scored for x in ok(s.r_calib)]),
+                     ("reward/grounding", [x for s in scored for x in ok(s.r_ground)]),
                      ("adv/step", [x for s in scored for x in s.a_step]),
                      ("len/response_tokens", [float(r.generated_tokens) for r in rs]),
                      ("len/turns", [float(len(r.steps)) for r in rs])):
         m[f"{name}_mean"], m[f"{name}_std"] = _mean_std(xs)
-    m["success_rate"] = _mean_std([float(r.success) for r in rs])[0]
-    m["format_rate"] = _mean_std([float(r.format_ok) for r in rs])[0]
-    m["grounding_rate"] = m["reward/grounding_mean"]
-    m["confidence_rate"] = len(confs) / max(1, sum(len(r.steps) for r in rs))
-    if confs:
-        m["calib/ece"] = expected_calibration_error([c for c, _ in confs], [o for _, o in confs])
-        m["calib/brier"] = brier_score([c for c, _ in confs], [o for _, o in confs])
-    for reason in ("answer", "turn_limit", "malformed", "truncated", "context_limit", "env_error"):
-        m[f"finish/{reason}"] = sum(r.finish == reason for r in rs) / max(1, len(rs))
+    if rs:
+        ep = scoring.summarise_episodes([scoring.episode_facts(r) for r in rs])
+        for k in ("success_rate", "format_rate", "grounding_rate", "confidence_rate"):
+            m[k] = ep[k]
+        for k in ("ece", "brier"):
+            if not math.isnan(ep[k]):
+                m[f"calib/{k}"] = ep[k]
+        m.update({k: v for k, v in ep.items() if k.startswith("finish/")})
     return {prefix + k: v for k, v in m.items()}
 
 
@@ -556,3 +554,106 @@ def train_fc_rl(cfg: FCRLConfig, model: torch.nn.Module, tokenizer: Any, train_t
         tracker.log_metrics({f"eval/{k}": v for k, v in eval_after.items()}, step=cfg.max_steps)
     return FCRLResult(steps=cfg.max_steps, history=history, eval_before=eval_before, eval_after=eval_after,
                       checkpoint=last_ckpt)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage's entry point: as ``sft.run_sft``, a config and references in, a saved model out
+
+
+@dataclass
+class FCRLRun:
+    model_dir: Path | None  # the final model in Hugging Face format (rank 0; None on the other ranks)
+    result: FCRLResult
+
+
+def run_fc_rl(cfg: Any, train_tasks: Sequence[Task], out_dir: str | os.PathLike, *, eval_tasks: Sequence[Task] = (),
+              init_model: str | None = None, tracker: Tracker | None = None,
+              on_checkpoint: Callable[[Path, int, dict[str, float]], None] | None = None,
+              resume_from: str | os.PathLike | None = None, device: torch.device | None = None) -> FCRLRun:
+    """FC-RL of the ``PipelineConfig`` ``cfg``: loads the model (``init_model``, an HF folder, else
+    ``cfg.model``) and its rollout engine (the learner's own module, or vLLM with ``fc_rl.engine: vllm``),
+    trains with ``train_fc_rl`` and saves the final model to ``<out_dir>/model``.
+
+    Checkpoints go to ``<out_dir>/checkpoints``; ``resume_from`` (a checkpoint folder, e.g. the one Ray
+    Train hands back) is copied there first and training continues from its step.
+    """
+    import shutil
+
+    from foresight_core.envs import env_for_task
+    from foresight_core.models import compute_dtype, load_model, save_model
+
+    rl: FCRLConfig = cfg.fc_rl
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    rank, _ = _world()
+    if device is None:
+        use_cuda = rl.scaling.use_gpu and torch.cuda.is_available()
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+    out = Path(out_dir)
+    ckpt_dir = out / "checkpoints"
+    if resume_from is not None and Path(resume_from).resolve() != ckpt_dir.resolve():
+        shutil.copytree(resume_from, ckpt_dir, dirs_exist_ok=True)
+    model_cfg = cfg.model if init_model is None else \
+        cfg.model.model_copy(update={"source": "hf", "name_or_path": str(init_model)})
+    Progress.of(tracker).phase("loading the model")
+    model, tokenizer = load_model(model_cfg, str(device), seed=cfg.seed)
+    engine = None
+    if rl.engine == "vllm":
+        from foresight_core.vllm_engine import VLLMEngine
+        init_path = model_cfg.name_or_path or str(save_model(model, tokenizer, out / "init_hf"))
+        engine = VLLMEngine(init_path, gpu_memory_utilization=rl.vllm_gpu_memory_utilization,
+                            max_model_len=rl.max_context_tokens, seed=cfg.seed + rank)
+    result = train_fc_rl(rl, model, tokenizer, train_tasks, lambda t: env_for_task(t, cfg.envs), seed=cfg.seed,
+                         eval_tasks=eval_tasks, engine=engine, tracker=tracker, checkpoint_dir=ckpt_dir, device=device,
+                         autocast_dtype=compute_dtype(model_cfg, str(device)), on_checkpoint=on_checkpoint)
+    model_dir = save_model(model, tokenizer, out / "model") if rank == 0 else None
+    return FCRLRun(model_dir=model_dir, result=result)
+
+
+def _task_files(source: str, storage: Any = None) -> tuple[str, list[str]]:
+    """``(RL task file, held-out task files)`` of a corpus folder (by its manifest), or of one task file."""
+    from foresight_core.capability import TASK_FILE_SUFFIXES, held_out_task_uris
+    from foresight_core.storage import join_uri, load_manifest
+
+    if source.endswith(TASK_FILE_SUFFIXES):
+        return source, []
+    manifest = load_manifest(source, storage)
+    if manifest is None or "rl_tasks" not in manifest.get("datasets", {}):
+        raise ValueError(f"{source}: neither a task file nor a complete corpus folder with an rl_tasks set")
+    return join_uri(source, manifest["datasets"]["rl_tasks"]["file"]), held_out_task_uris(source, storage)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m foresight_core.fc_rl --preset tiny --tasks CORPUS --out DIR``: FC-RL without Ray or MLflow."""
+    import argparse
+    import json
+
+    from foresight_core.capability import read_tasks
+    from foresight_core.config.load import load_config
+
+    p = argparse.ArgumentParser(description="FC-RL without Ray or MLflow (resumes from --out)")
+    p.add_argument("--preset", default=None)
+    p.add_argument("--config", default=None)
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--tasks", required=True, help="a corpus folder (its rl_tasks and eval/* sets) or a task file")
+    p.add_argument("--out", required=True, help="output folder: checkpoints/ and model/")
+    p.add_argument("--init-model", default=None, help="HF folder to start from (the FE-SFT model; default: the config's)")
+    args = p.parse_args(argv)
+    cfg = load_config(args.preset, args.config, args.overrides)
+    try:
+        train_uri, held_uris = _task_files(args.tasks, cfg.infra.storage)
+        train = read_tasks(train_uri, cfg.infra.storage)
+        held = eval_subset([t for u in held_uris for t in read_tasks(u, cfg.infra.storage)], cfg.fc_rl.n_eval_tasks)
+    except ValueError as e:
+        p.error(str(e))
+    ckpt = Path(args.out) / "checkpoints"
+    run = run_fc_rl(cfg, train, args.out, eval_tasks=held, init_model=args.init_model,
+                    resume_from=ckpt if (ckpt / CHECKPOINT_FILE).exists() else None)
+    print(json.dumps({"model_dir": str(run.model_dir), "steps": run.result.steps,
+                      "eval_before": run.result.eval_before, "eval_after": run.result.eval_after,
+                      "last": run.result.history[-1] if run.result.history else {}}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,6 +7,7 @@ worked by hand (``tests/test_grpo.py``). The paper's terms:
 - episode reward      R_E = task score (EM / F1 / verified) + format_weight * format_ok
 - calibration         R_calib(q, I) = I - (q - I)^2                   (RLCR's Brier form)
 - grounding           R_ground = share of a step's keywords found in the real future tau_{>t}
+                      (``scoring.grounding`` over ``scoring.future_texts``: the corpus and evaluation match alike)
 - world-model reward  R_WM = R_calib + R_ground  -> group-normalised -> A_WM (world-model span tokens)
 - episode advantage   A_E = (R_E - mean_group) / (std_group + eps)   (Dr.GRPO: no std division)
 - step advantage      A_S,t = q_{t+1} - q_t, the last step I - q_T
@@ -17,8 +18,6 @@ Plain GRPO, "no grounding" and "omega = 0" are the same functions with terms swi
 
 from __future__ import annotations
 
-import re
-import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,46 +39,6 @@ def calibration_reward(q: float, outcome: bool | float) -> float:
     """
     i = float(outcome)
     return i - (float(q) - i) ** 2
-
-
-_PUNCT = re.compile("[" + re.escape(string.punctuation) + "]")
-
-
-def normalise_text(s: str) -> str:
-    """Lower case, punctuation to spaces, whitespace collapsed: the form keywords are matched in."""
-    return " ".join(_PUNCT.sub(" ", s.lower()).split())
-
-
-def grounding_reward(keywords: Sequence[str], future: str) -> float:
-    """Share of predicted keywords that occur in the future text, as whole normalised tokens.
-
-    A keyword is found when its normalised token sequence appears contiguously in the normalised
-    future ("eiffel tower" matches "...the Eiffel-Tower's..." but "tow" does not match "tower").
-    Keywords that normalise to nothing are dropped; no usable keyword gives 0 (nothing predicted,
-    nothing grounded).
-    """
-    kws = [k for k in (normalise_text(k) for k in keywords) if k]
-    if not kws:
-        return 0.0
-    haystack = f" {normalise_text(future)} "
-    return sum(f" {k} " in haystack for k in kws) / len(kws)
-
-
-def future_texts(actions: Sequence[str], observations: Sequence[str | None]) -> list[str]:
-    """tau_{>t} for every step t of one episode, as text.
-
-    The future of step t is what happens once its world-model block is written: its own action
-    a_t (the first step of the imagined plan) and every later action, plus every observation from
-    o_t on; the final answer is the last action. Our choice: later ``<think>`` and world-model text
-    is left out, so a model cannot ground its keywords by merely repeating them to itself.
-    """
-    if len(actions) != len(observations):
-        raise ValueError(f"{len(actions)} actions but {len(observations)} observations")
-    out = []
-    for t in range(len(actions)):
-        parts = [p for a, o in zip(actions[t:], observations[t:]) for p in (a, o) if p]
-        out.append("\n".join(parts))
-    return out
 
 
 def world_model_reward(calib: float | None, ground: float | None, use_calibration: bool = True,

@@ -157,13 +157,14 @@ class HFEngine:
     shares_weights = True
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, autocast_dtype: torch.dtype | None = None,
-                 max_batch: int = 64, reuse_kv: bool = True) -> None:
+                 max_batch: int = 64, reuse_kv: bool = True, kv_buffers: bool = True) -> None:
         self.model = model
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_id = tokenizer.eos_token_id
         self.autocast_dtype = autocast_dtype
         self.max_batch = max_batch
         self.reuse_kv = reuse_kv
+        self.kv_buffers = kv_buffers  # False: transformers' own cache, which concatenates every step (a baseline)
         self._kv: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}  # tokens -> per layer (H, n, D)
         self._kv_weights = -1  # the weights' version the kept cache was computed with
         self.reused_tokens = 0  # prompt tokens served from the kept cache instead of a forward pass (a counter)
@@ -214,7 +215,7 @@ class HFEngine:
                         kept: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]]) -> list[Generation]:
         """One batch. Row r's columns: [pad | its C_r cached tokens | pad | its new tokens], cache width C and
         N new columns shared by the batch; the attention mask hides the pads and the position ids follow it."""
-        from transformers import GenerationConfig, LogitsProcessorList
+        from transformers import DynamicCache, GenerationConfig, LogitsProcessorList
         device = next(self.model.parameters()).device
         B = len(prompts)
         C = max(c for c, _ in cached)
@@ -227,7 +228,7 @@ class HFEngine:
             ids[r, C + N - (len(p) - c):] = torch.tensor(p[c:], dtype=torch.long)
             attn[r, C + N - (len(p) - c):] = 1
         n_layers = self.model.config.get_text_config().num_hidden_layers
-        cache = _growing_cache(n_layers, C + N + params.max_new_tokens)
+        cache = _growing_cache(n_layers, C + N + params.max_new_tokens) if self.kv_buffers else DynamicCache()
         if C:
             for li in range(n_layers):
                 ref = next(layers for _, layers in cached if layers is not None)[li][0]

@@ -1,10 +1,9 @@
-"""Stage 0 as a Prefect task: the corpus build as a Ray Data job, recorded in MLflow.
+"""Stage 0: the corpus build as a Ray Data job, recorded in MLflow (the flow's ``corpus`` task calls it).
 
-    refs = corpus(cfg, refs={}, parent_run_id=parent.run_id)          # inside a flow (the Prefect task)
-    refs = corpus.fn(cfg, {}, None)                                    # the same, without Prefect
+    refs = run_corpus_stage(cfg, parent_run_id=parent.run_id)
     # {"corpus.uri": ".../corpus/<key>", "corpus.manifest_uri": ".../manifest.json",
     #  "corpus.key": "<key>", "corpus.run_id": "<mlflow run id>", "corpus.reused": "false"}
-    ref = find_corpus(cfg, refs)          # a later stage's input: from refs, else the newest finished run
+    manifest = find_corpus(cfg, uri)      # a later stage's input: that folder, else the newest finished run
 
 ``foresight_core.corpus.build_corpus`` does the work; this adapter hands its collection to Ray
 Data (``ray_map`` over ``collect_items``, one block per map call) and records the nested MLflow
@@ -17,9 +16,6 @@ reused, not rebuilt, and the run says so (tag ``foresight.reused``).
 from __future__ import annotations
 
 from typing import Any
-
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from foresight_core.chat import trajectory_messages
 from foresight_core.config import PipelineConfig
@@ -99,14 +95,10 @@ def log_manifest(run: Any, manifest: Manifest, cfg: PipelineConfig) -> None:
         run.log_text(render_samples(rows, n), "corpus/sample_trajectories.md")
 
 
-@task(name="corpus", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
-def corpus(cfg: PipelineConfig, refs: dict[str, str], parent_run_id: str | None) -> dict[str, str]:
-    """Build (or reuse) the corpus of ``cfg`` and record it as a run nested under ``parent_run_id``.
-
-    Retried once: the build is idempotent (a folder without its manifest is rebuilt, a complete
-    one reused), and the failed attempt's MLflow run is marked FAILED. No Prefect result cache:
-    reuse lives in the manifest, so it holds across Prefect servers and machines.
-    """
+def run_corpus_stage(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str, str]:
+    """Build (or reuse) the corpus of ``cfg`` and record it as a run nested under ``parent_run_id``; a failed
+    build's MLflow run is marked FAILED. The corpus keys and reuses itself through its manifest
+    (``foresight_core.corpus``): a folder, not an MLflow run, is its output."""
     key = corpus_key(cfg)
     out_uri = corpus_uri(cfg)
     tags = {"foresight.corpus.key": key, "foresight.corpus.uri": out_uri}
@@ -120,10 +112,9 @@ def corpus(cfg: PipelineConfig, refs: dict[str, str], parent_run_id: str | None)
             "corpus.key": manifest.key, "corpus.run_id": run.run_id, "corpus.reused": str(manifest.reused).lower()}
 
 
-def find_corpus(cfg: PipelineConfig, refs: dict[str, str]) -> Manifest:
-    """The corpus a later stage reads: ``refs["corpus.uri"]`` when the pipeline built it, else the
-    newest finished corpus run of this config's key in MLflow. Raises when there is none."""
-    uri = refs.get("corpus.uri")
+def find_corpus(cfg: PipelineConfig, uri: str | None = None) -> Manifest:
+    """The corpus a later stage reads: the folder ``uri`` (the one the pipeline built), else the newest
+    finished corpus run of this config's key in MLflow. Raises when there is none."""
     if uri is None:
         key = corpus_key(cfg)
         runs = find_runs(cfg, "corpus", {"foresight.corpus.key": key}, max_results=1)

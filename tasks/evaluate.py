@@ -7,8 +7,8 @@
 What one call does:
 1. Resolves its inputs: the corpus's held-out ``eval/<benchmark>`` task sets (by its manifest) and the
    model to evaluate (an MLflow ``runs:/`` URI, an HF folder, or None for the config's base model).
-2. Stage key (eval config, envs, model config, seed, the eval sets' sha256, the model URI): a FINISHED
-   MLflow run with that key is returned as it is.
+2. Hands the stage to ``foresight_tasks.stage.run_stage`` (key, reuse of a FINISHED run, the MLflow run):
+   a spec of the eval sets, the model and ``ENTRIES`` (the core modules it runs).
 3. Ray Data: the tasks flow through ``map_batches`` into a pool of ``cfg.eval.num_actors`` actors, each
    holding one copy of the model (loaded once) and playing whole batches of episodes with the HF engine
    (or vLLM on a GPU). Tasks and records cross Ray Data as JSON text.
@@ -18,7 +18,6 @@ What one call does:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -28,9 +27,6 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from foresight_core.capability import held_out_task_uris
 from foresight_core.config import PipelineConfig
 from foresight_core.evaluation import flat_metrics, modes, summarise
@@ -39,10 +35,13 @@ from foresight_core.tracking import PROGRESS_TAG, Progress
 from foresight_tasks.progress import watch_stage
 from foresight_tasks.rl import load_tasks
 from foresight_tasks.runtime import init_ray, quiet_ray_data, setup_env, worker_threads
-from foresight_tasks.tracking import MlflowTracker, find_runs, stage_params, start_run, tracking_uri
-from foresight_tasks.train import StageInputError, local_model_dir, stage_code_version
+from foresight_tasks.stage import Launched, StageInput, StageSpec, run_stage
+from foresight_tasks.tracking import MlflowTracker, tracking_uri
+from foresight_tasks.train import StageInputError, local_model_dir
 
 STAGE = "eval"
+# the science evaluation runs (the agent loop and scoring, the environments, the model loader, the GPU engine)
+ENTRIES = ("foresight_core.evaluation", "foresight_core.envs", "foresight_core.models", "foresight_core.vllm_engine")
 
 
 class EvalWorker:
@@ -108,21 +107,12 @@ class EvalWorker:
         return {"record": [json.dumps(r) for r in records], "seconds": [seconds] * len(records)}
 
 
-def eval_key(cfg: PipelineConfig, data_sha: str, model_uri: str | None) -> str:
-    """What the evaluation's result depends on; the same key gives the same report (the code version too)."""
-    blob = json.dumps({"eval": cfg.eval.model_dump(mode="json", exclude={"num_actors"}),
-                       "envs": cfg.envs.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
-                       "seed": cfg.seed, "data": data_sha, "model_uri": model_uri,
-                       "code": stage_code_version(STAGE)}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 def run_eval_stage(cfg: PipelineConfig, model_uri: str | None, corpus_uri: str,
                    parent_run_id: str | None = None) -> dict[str, Any]:
     """Evaluate (or reuse the evaluation of) ``model_uri`` on the corpus's held-out sets.
 
-    Returns ``{"stage", "run_id", "run_key", "metrics", "reused"}`` (metrics flattened as
-    ``<benchmark>/<mode>/<metric>``)."""
+    Returns the stage reference (``foresight_tasks.stage``) with ``metrics`` flattened as
+    ``<benchmark>/<mode>/<metric>``."""
     setup_env(cfg)
     storage = cfg.infra.storage
     uris = held_out_task_uris(corpus_uri, storage)
@@ -131,25 +121,10 @@ def run_eval_stage(cfg: PipelineConfig, model_uri: str | None, corpus_uri: str,
     sets = {Path(u).stem: load_tasks(u, cfg) for u in uris}
     if cfg.eval.max_tasks:
         sets = {name: tasks[:cfg.eval.max_tasks] for name, tasks in sets.items()}
-    data_sha = hashlib.sha256("".join(sha256_file(u, storage) for u in uris).encode()).hexdigest()
-    key = eval_key(cfg, data_sha, model_uri)
-    uri = tracking_uri(cfg)
-    done = find_runs(cfg, STAGE, tags={"foresight.run_key": key}, status="FINISHED", max_results=1)
-    if done:
-        return {"stage": STAGE, "run_id": done[0].info.run_id, "run_key": key, "metrics": done[0].data.metrics,
-                "reused": True}
+    inputs = [StageInput(Path(u).stem, u, sha256_file(u, storage), context=STAGE, n_rows=len(sets[Path(u).stem]))
+              for u in uris]
 
-    tags = {"foresight.run_key": key, "foresight.input.eval_sets": ",".join(uris),
-            "foresight.input.model": model_uri or f"base:{cfg.model.source}"}
-    if model_uri and model_uri.startswith("runs:/"):
-        tags["foresight.input.model_run_id"] = model_uri.split("/")[1]
-    tracker = start_run(cfg, f"{STAGE}-{key[:8]}", STAGE, parent_run_id, tags=tags)
-    try:
-        tracker.log_params(stage_params(cfg, "eval", "model", "seed"))
-        for u in uris:
-            tracker.log_dataset(u, name=Path(u).stem, digest=sha256_file(u, storage), context=STAGE,
-                                n_rows=len(sets[Path(u).stem]))
-
+    def launch(tracker: MlflowTracker, key: str) -> Launched:
         # ---- Ray Data: tasks -> actors holding the model -> episode records
         import ray.data
 
@@ -166,7 +141,7 @@ def run_eval_stage(cfg: PipelineConfig, model_uri: str | None, corpus_uri: str,
         with quiet_ray_data(), watch_stage(STAGE, tracker, waiting="starting the evaluation actors",
                                            total=n_episodes, unit="episodes", reset=False) as watch:
             ds = ray.data.from_items(items).map_batches(
-                EvalWorker, fn_constructor_kwargs={"cfg": cfg, "model_uri": model_uri, "tracking": uri,
+                EvalWorker, fn_constructor_kwargs={"cfg": cfg, "model_uri": model_uri, "tracking": tracking_uri(cfg),
                                                    "run_id": tracker.run_id, "threads": threads},
                 batch_size=per_batch, batch_format="numpy", concurrency=cfg.eval.num_actors, num_cpus=cpus,
                 num_gpus=1 if cfg.eval.engine == "vllm" else 0)
@@ -190,26 +165,7 @@ def run_eval_stage(cfg: PipelineConfig, model_uri: str | None, corpus_uri: str,
         if sample:
             tracker.log_table([{k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in r.items()}
                                for r in sample], "eval_episodes.json")
-        tracker.set_tags({"foresight.output.report": "eval_report.json"})
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
-    tracker.finish()
-    return {"stage": STAGE, "run_id": tracker.run_id, "run_key": key, "metrics": metrics, "reused": False}
+        return Launched(metrics, {"foresight.output.report": "eval_report.json"})
 
-
-@task(name="eval", cache_policy=NO_CACHE)
-def evaluate(cfg: PipelineConfig, refs: dict[str, str], parent_run_id: str | None) -> dict[str, str]:
-    """Held-out benchmarks for the latest model of this pipeline run (FC-RL's, else FE-SFT's, else WM-AMT's,
-    else the base model): score, calibration, grounding, format and test-time planning."""
-    from foresight_tasks.corpus import find_corpus
-
-    corpus = find_corpus(cfg, refs)
-    model_uri = refs.get("fc_rl.model_uri") or refs.get("fe_sft.model_uri") or refs.get("wm_amt.model_uri")
-    ref = run_eval_stage(cfg, model_uri, corpus.uri, parent_run_id=parent_run_id)
-    out = {"eval.run_id": str(ref["run_id"]), "eval.reused": str(ref["reused"]).lower()}
-    for k in ("avg/direct/score", "avg/planning/score"):
-        if k in ref["metrics"]:
-            out[f"eval.{k}"] = f"{ref['metrics'][k]:.4f}"
-    return out
-
+    return run_stage(StageSpec(stage=STAGE, cfg=cfg, entries=ENTRIES, launch=launch, init_model_uri=model_uri,
+                               inputs=inputs, produces_model=False), parent_run_id)

@@ -9,10 +9,9 @@ What one call does:
 1. Resolves its inputs: the stage's dataset in the corpus folder (by its ``manifest.json``, never
    a guessed name) and the starting model (an MLflow ``runs:/`` URI, or an HF folder; None: the
    config's base model).
-2. Computes the stage key (stage config, model config, seed, dataset sha256, starting model) and
-   looks in MLflow for a run with that key: FINISHED -> its reference is returned and nothing
-   runs (a completed stage is reused); RUNNING / FAILED (the process died, or Ray gave up) -> that
-   run is continued; none -> a new run nested under ``parent_run_id``.
+2. Hands the stage to ``foresight_tasks.stage.run_stage`` (key, reuse of a FINISHED run, resume of an
+   unfinished one, the MLflow run and its input tags): a spec of the dataset, the starting model and
+   ``ENTRIES``, the core module whose code version is part of the key.
 3. Runs ``foresight_core.sft.run_sft`` in every worker of a ``TorchTrainer``: ``ScalingConfig``
    from ``<stage>.scaling`` (DDP over gloo on CPU, NCCL on GPUs); ``RunConfig`` named after the
    stage key, storing checkpoints under ``<work_dir>/ray`` (local path or ``s3://``, through
@@ -26,8 +25,7 @@ What one call does:
    ``<stage>.format_check_tasks`` > 0 it then plays that many of the corpus's held-out tasks with the
    saved model (``foresight_core.capability``; the task files reach it as URIs) and logs ``check/*``
    (format adherence, grounding, ECE, Brier) at the final step; they are in the reference's ``metrics``.
-5. Tags link inputs to outputs: ``foresight.input.*`` (corpus manifest, dataset and its sha256,
-   starting model, its run) and ``foresight.output.*`` (model URI, Ray checkpoint).
+5. Output tags: the Ray checkpoint and run folder (the runner adds the model URI).
 
 Workers get ``GLIBC_TUNABLES`` (no mmap, no trim) when ``scaling.malloc_tuning`` is on: glibc then
 keeps freed activation memory instead of returning it to the OS every step (~1.5x bf16 throughput
@@ -36,8 +34,6 @@ measured on a 2-core CPU; see ``benchmarks/sft_throughput.py``).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -51,13 +47,14 @@ from foresight_core.storage import join_uri, load_manifest, sha256_file
 from foresight_core.tracking import Progress
 from foresight_tasks.progress import watch_stage
 from foresight_tasks.runtime import init_ray, is_local_uri, local_path, setup_env, worker_threads
-from foresight_tasks.tracking import MlflowTracker, find_runs, stage_params, start_run, tracking_uri
+from foresight_tasks.stage import MODEL_ARTIFACT, Launched, StageInput, StageSpec, run_stage, skipped
+from foresight_tasks.tracking import MlflowTracker, tracking_uri
 
 log = logging.getLogger(__name__)
 
 SFT_STAGES = ("wm_amt", "fe_sft")
+ENTRIES = ("foresight_core.sft",)  # the science the supervised stages run: its code version is in their keys
 MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=100000000000"
-MODEL_ARTIFACT = "model"
 
 
 class StageInputError(ValueError):
@@ -102,31 +99,6 @@ def local_model_dir(model_uri: str, tracking: str, dst: str | os.PathLike) -> st
     fs, path = fsspec.core.url_to_fs(model_uri)
     fs.get(path.rstrip("/") + "/", str(dst), recursive=True)
     return str(dst)
-
-
-# the module each stage runs from: its code version (``foresight_core.provenance``) is part of its key
-STAGE_ENTRY = {"corpus": "foresight_core.corpus", "wm_amt": "foresight_tasks.train",
-               "fe_sft": "foresight_tasks.train", "fc_rl": "foresight_tasks.rl", "eval": "foresight_tasks.evaluate"}
-
-
-def stage_code_version(stage: str) -> str:
-    """The version of the science ``stage`` runs: package version and a hash of the ``foresight_core``
-    sources its entry module reaches (``foresight_core.provenance.code_version``)."""
-    from foresight_core.provenance import code_version
-
-    return code_version(STAGE_ENTRY[stage])
-
-
-def stage_key(stage: str, cfg: PipelineConfig, data_sha256: str, init_model_uri: str | None) -> str:
-    """What the stage's result depends on; the same key means the same model comes out: the stage's
-    config, the model config, the seed, the data's sha256, the starting model and the code version."""
-    stage_cfg = getattr(cfg, stage).model_dump(mode="json")
-    for field in ("max_failures", "cpus_per_worker", "malloc_tuning"):  # retries and speed, not results
-        stage_cfg["scaling"].pop(field, None)
-    blob = json.dumps({"stage": stage, "cfg": stage_cfg, "model": cfg.model.model_dump(mode="json"),
-                       "seed": cfg.seed, "data": data_sha256, "init": init_model_uri,
-                       "code": stage_code_version(stage)}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def ray_storage(cfg: PipelineConfig) -> tuple[str, Any]:
@@ -201,47 +173,12 @@ def _sft_worker(config: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------
 # The stage
 
-def _find_run(cfg: PipelineConfig, stage: str, key: str, status: str) -> Any | None:
-    runs = find_runs(cfg, stage, tags={"foresight.run_key": key}, status=status, max_results=1)
-    return runs[0] if runs else None
-
-
-def _reference(run_id: str, stage: str, key: str, tags: dict[str, str], metrics: dict[str, float],
-               reused: bool) -> dict[str, Any]:
-    return {"stage": stage, "run_id": run_id, "run_key": key, "model_uri": f"runs:/{run_id}/{MODEL_ARTIFACT}",
-            "checkpoint": tags.get("foresight.output.checkpoint"), "metrics": metrics, "reused": reused}
-
-
-def open_stage_run(cfg: PipelineConfig, stage: str, key: str, data_uri: str, data_sha: str, manifest_uri: str | None,
-                   init_model_uri: str | None, parent_run_id: str | None, dataset_name: str,
-                   n_rows: int | None = None) -> MlflowTracker:
-    """The stage's MLflow run: an unfinished one (RUNNING / FAILED) with this key is continued, else a new run
-    nested under ``parent_run_id`` gets the input tags, the stage's params and its dataset input."""
-    uri = tracking_uri(cfg)
-    unfinished = _find_run(cfg, stage, key, "RUNNING") or _find_run(cfg, stage, key, "FAILED")
-    if unfinished is not None:
-        tracker = MlflowTracker(uri, unfinished.info.run_id)
-        tracker.client.update_run(tracker.run_id, status="RUNNING")
-        return tracker
-    input_tags = {"foresight.run_key": key, "foresight.input.dataset": data_uri,
-                  "foresight.input.dataset_sha256": data_sha,
-                  "foresight.input.corpus_manifest": manifest_uri or "",
-                  "foresight.input.init_model": init_model_uri or f"base:{cfg.model.source}"}
-    if init_model_uri and init_model_uri.startswith("runs:/"):
-        input_tags["foresight.input.init_run_id"] = init_model_uri.split("/")[1]
-    tracker = start_run(cfg, f"{stage}-{key[:8]}", stage, parent_run_id, tags=input_tags)
-    tracker.log_params(stage_params(cfg, stage, "model", "seed"))
-    extra = {} if n_rows is None else {"n_rows": n_rows}
-    tracker.log_dataset(data_uri, name=dataset_name, digest=data_sha, context=stage, **extra)
-    return tracker
-
-
 def fit_stage(worker: Any, loop_config: dict[str, Any], cfg: PipelineConfig, stage: str, key: str, scaling: Any,
               keep_checkpoints: int, tracker: MlflowTracker) -> tuple[Any, dict[str, str]]:
     """Run ``worker`` on every rank of a ``TorchTrainer`` (the training stages' one launch path).
 
-    Scaling, storage (local or s3), retries and checkpoints come from config; the MLflow run is
-    marked FAILED if the job fails and FINISHED with output tags (model URI, last checkpoint) if not.
+    Scaling, storage (local or s3), retries and checkpoints come from config. Returns the Ray result and
+    the run's output tags (the last checkpoint, the Ray run folder); ``run_stage`` finishes the run.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -264,62 +201,45 @@ def fit_stage(worker: Any, loop_config: dict[str, Any], cfg: PipelineConfig, sta
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
             worker_runtime_env={"env_vars": env_vars}),
     )
-    try:
-        with watch_stage(stage, tracker):  # the workers print nowhere: progress comes from the run rank 0 logs to
-            result = trainer.fit()
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
+    with watch_stage(stage, tracker):  # the workers print nowhere: progress comes from the run rank 0 logs to
+        result = trainer.fit()
     checkpoint_path = result.checkpoint.path if result.checkpoint is not None else ""
     if storage_fs is not None and checkpoint_path:
         checkpoint_path = join_uri(cfg.work_dir.split("://")[0] + "://", checkpoint_path)
-    output_tags = {"foresight.output.model_uri": f"runs:/{tracker.run_id}/{MODEL_ARTIFACT}",
-                   "foresight.output.checkpoint": checkpoint_path, "foresight.ray_run": result.path}
-    tracker.set_tags(output_tags)
-    tracker.finish("FINISHED")
-    return result, output_tags
+    return result, {"foresight.output.checkpoint": checkpoint_path, "foresight.ray_run": result.path}
 
 
 def run_sft_stage(stage: str, cfg: PipelineConfig, corpus_uri: str, init_model_uri: str | None = None,
                   parent_run_id: str | None = None) -> dict[str, Any]:
-    """Run (or reuse, or resume) one supervised stage; returns its reference (see the module docstring):
+    """Run (or reuse, or resume) one supervised stage; returns its reference (``foresight_tasks.stage``):
     ``{"stage", "run_id", "run_key", "model_uri", "checkpoint", "metrics", "reused"}``."""
     if stage not in SFT_STAGES:
         raise ValueError(f"stage must be one of {SFT_STAGES}, got {stage!r}")
     stage_cfg = getattr(cfg, stage)
     if not stage_cfg.enabled:
-        return {"stage": stage, "run_id": None, "run_key": None, "model_uri": init_model_uri, "checkpoint": None,
-                "metrics": {}, "reused": False, "skipped": True}
+        return skipped(stage, init_model_uri)
     setup_env(cfg)
-
-    # ---- inputs and the stage key
     data_uri, data_sha, manifest_uri = resolve_dataset(stage, corpus_uri, cfg)
-    key = stage_key(stage, cfg, data_sha, init_model_uri)
-    uri = tracking_uri(cfg)
-    done = _find_run(cfg, stage, key, "FINISHED")
-    if done is not None:
-        return _reference(done.info.run_id, stage, key, done.data.tags, done.data.metrics, reused=True)
 
-    # ---- the held-out tasks of the format-capability check, by reference (file URIs)
-    check_uris: list[str] = []
-    if stage_cfg.format_check_tasks:
-        from foresight_core.capability import held_out_task_uris
+    def launch(tracker: MlflowTracker, key: str) -> Launched:
+        # the held-out tasks of the format-capability check, by reference (file URIs)
+        check_uris: list[str] = []
+        if stage_cfg.format_check_tasks:
+            from foresight_core.capability import held_out_task_uris
 
-        check_uris = held_out_task_uris(corpus_uri, cfg.infra.storage)
-        if not check_uris:
-            log.warning("%s: %s has no eval/* task sets; the format check is skipped", stage, corpus_uri)
+            check_uris = held_out_task_uris(corpus_uri, cfg.infra.storage)
+            if not check_uris:
+                log.warning("%s: %s has no eval/* task sets; the format check is skipped", stage, corpus_uri)
+        result, tags = fit_stage(_sft_worker, {"cfg": cfg, "stage": stage, "data_uri": data_uri,
+                                               "init_model_uri": init_model_uri, "tracking_uri": tracking_uri(cfg),
+                                               "run_id": tracker.run_id, "check_task_uris": check_uris},
+                                 cfg, stage, key, stage_cfg.scaling, stage_cfg.keep_checkpoints, tracker)
+        metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+        if check_uris:  # logged by rank 0 after its last report to Ray: read back from the run
+            run_metrics = tracker.client.get_run(tracker.run_id).data.metrics
+            metrics.update({k: float(v) for k, v in run_metrics.items() if k.startswith("check/")})
+        return Launched(metrics, tags)
 
-    # ---- the MLflow run: continue an unfinished one with this key, else a new nested run
-    tracker = open_stage_run(cfg, stage, key, data_uri, data_sha, manifest_uri, init_model_uri, parent_run_id,
-                             dataset_name=stage)
-
-    # ---- the Ray Train job
-    result, output_tags = fit_stage(_sft_worker, {"cfg": cfg, "stage": stage, "data_uri": data_uri,
-                                                  "init_model_uri": init_model_uri, "tracking_uri": uri,
-                                                  "run_id": tracker.run_id, "check_task_uris": check_uris},
-                                    cfg, stage, key, stage_cfg.scaling, stage_cfg.keep_checkpoints, tracker)
-    metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
-    if check_uris:  # logged by rank 0 after its last report to Ray: read back from the run
-        run_metrics = tracker.client.get_run(tracker.run_id).data.metrics
-        metrics.update({k: float(v) for k, v in run_metrics.items() if k.startswith("check/")})
-    return _reference(tracker.run_id, stage, key, output_tags, metrics, reused=False)
+    return run_stage(StageSpec(stage=stage, cfg=cfg, entries=ENTRIES, launch=launch, init_model_uri=init_model_uri,
+                               inputs=[StageInput(stage, data_uri, data_sha, context=stage)],
+                               manifest_uri=manifest_uri), parent_run_id)

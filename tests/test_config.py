@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from foresight_core.config import ConfigError, PipelineConfig, dump_config, list_presets, load_config
 from foresight_tasks.tracking import MASK, config_yaml, flatten, mask_text, stage_params
 
-PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "presets"
+PRESET_DIR = Path(__file__).resolve().parents[1] / "foresight_core" / "config" / "presets"
 
 
 def test_every_preset_parses() -> None:
@@ -226,7 +226,7 @@ def test_flow_parameter_mapping_keeps_field_defaults() -> None:
     cfg = PipelineConfig.model_validate({"fe_sft": {"max_steps": 7}})
     assert cfg.fe_sft.loss_on == "assistant" and cfg.fe_sft.max_steps == 7
     assert _diff(cfg, PipelineConfig()) == {"fe_sft.max_steps": 7}
-    deployments = yaml.safe_load((PRESET_DIR.parents[1] / "deployments" / "prefect.yaml").read_text())
+    deployments = yaml.safe_load((PRESET_DIR.parents[2] / "deployments" / "prefect.yaml").read_text())
     for d in deployments["deployments"]:
         assert PipelineConfig.model_validate(d["parameters"]["cfg"]).fe_sft.loss_on == "assistant", d["name"]
 

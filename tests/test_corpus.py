@@ -12,7 +12,7 @@ from foresight_core.corpus import (batches_by_task, build_corpus, calibration_re
                                    future_text, gap_analysis, keywords, known_text, occurs, plan_corpus, roadmap)
 from foresight_core.envs.loaders import LoaderError
 from foresight_core.format import parse_turn, render_turn
-from foresight_core.grpo import grounding_reward
+from foresight_core.scoring import grounding as grounding_reward
 from foresight_core.storage import MANIFEST, is_complete, join_uri, read_json
 from foresight_core.types import Action, Step, Task, Trajectory, Turn
 from test_storage import s3_storage  # noqa: F401  (the moto server fixture)

@@ -195,7 +195,7 @@ def test_build_corpus_flow_records_to_mlflow_and_reuses(prefect_server, ray_loca
     assert run2.data.tags["foresight.reused"] == "true" and run2.data.metrics["corpus.trajectories"] == 16
     assert client.get_run(refs2["pipeline.run_id"]).data.tags["foresight.stages"] == "corpus"
     # a later stage finds the corpus by reference (MLflow tag), not by a path
-    assert find_corpus(cfg, {}).uri == refs["corpus.uri"]
+    assert find_corpus(cfg).uri == refs["corpus.uri"]
     print(f"\nbuild_corpus flow (tiny): {build_s:.1f}s; pipeline flow reusing it: {reuse_s:.1f}s")
 
 
@@ -209,7 +209,7 @@ def test_corpus_on_s3_with_mlflow_server(ray_local) -> None:
         pytest.skip("needs FORESIGHT_TEST_MLFLOW_URI and FORESIGHT_TEST_S3_ENDPOINT (.ci/run starts both)")
     import s3fs
 
-    from foresight_tasks.corpus import corpus
+    from foresight_flows.pipeline import corpus
 
     bucket = f"foresight-test-{uuid.uuid4().hex[:8]}"
     creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_ENDPOINT_URL": s3,

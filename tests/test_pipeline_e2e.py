@@ -33,7 +33,7 @@ def test_tiny_pipeline_end_to_end_then_ablation(prefect_server, ray_local, tiny_
     # eval plays FC-RL's model
     assert runs["fe_sft"].data.tags["foresight.input.init_model"] == refs["wm_amt.model_uri"]
     assert runs["fc_rl"].data.tags["foresight.input.init_model"] == refs["fe_sft.model_uri"]
-    assert runs["eval"].data.tags["foresight.input.model"] == refs["fc_rl.model_uri"]
+    assert runs["eval"].data.tags["foresight.input.init_model"] == refs["fc_rl.model_uri"]
     # FE-SFT's format-capability check (tiny preset: 2 held-out tasks) is in its run and in the refs
     fe = runs["fe_sft"].data.metrics
     assert fe["check/n_tasks"] == 2 and 0.0 <= fe["check/format_rate"] <= 1.0

@@ -9,7 +9,12 @@ import pytest
 
 from foresight_core import provenance
 from foresight_core.config import load_config
-from foresight_tasks.train import STAGE_ENTRY
+from foresight_tasks import evaluate, rl, train
+from foresight_tasks.stage import StageInput, StageSpec, stage_key
+
+# the core modules each stage runs, as the adapters declare them in their specs
+STAGE_ENTRY = {"corpus": ("foresight_core.corpus",), "wm_amt": train.ENTRIES, "fe_sft": train.ENTRIES,
+               "fc_rl": rl.ENTRIES, "eval": evaluate.ENTRIES}
 
 
 @pytest.fixture
@@ -25,7 +30,7 @@ def copy_roots(tmp_path: Path) -> dict[str, Path]:
 
 
 def versions(roots: dict[str, Path]) -> dict[str, str]:
-    return {stage: provenance.source_hash([entry], roots) for stage, entry in STAGE_ENTRY.items()}
+    return {stage: provenance.source_hash(entries, roots) for stage, entries in STAGE_ENTRY.items()}
 
 
 def edit(path: Path) -> None:
@@ -60,21 +65,25 @@ def test_config_sources_and_adapters_do_not_count(copy_roots) -> None:
 
 
 def test_the_stage_key_follows_the_code(copy_roots, monkeypatch) -> None:
-    """The real ``stage_key``: same code, same key (the finished run is reused); edited code, new key
+    """The runner's ``stage_key``: same code, same key (the finished run is reused); edited code, new key
     (no finished run matches, so the stage trains again)."""
-    from foresight_tasks.train import stage_key
-
     cfg = load_config("tiny", env={})
 
     def keys() -> dict[str, str]:
         provenance.code_version.cache_clear()
-        return {s: stage_key(s, cfg, "sha", None) for s in ("wm_amt", "fe_sft", "fc_rl")}
+        return {s: stage_key(StageSpec(stage=s, cfg=cfg, entries=STAGE_ENTRY[s], launch=None,  # type: ignore[arg-type]
+                                       inputs=[StageInput("data", "file:///data.jsonl", "sha", context=s)]))
+                for s in ("wm_amt", "fe_sft", "fc_rl", "eval")}
 
     monkeypatch.setattr(provenance, "package_roots", lambda: copy_roots)
     try:
         before = keys()
         assert keys() == before
-        edit(copy_roots["foresight_core"] / "grpo.py")  # FC-RL's rewards (SFT reaches it too, via the check)
+        edit(copy_roots["foresight_core"] / "grpo.py")  # FC-RL's rewards and loss: FC-RL alone retrains
+        after = keys()
+        assert after["fc_rl"] != before["fc_rl"]
+        assert all(after[s] == before[s] for s in ("wm_amt", "fe_sft", "eval"))
+        edit(copy_roots["foresight_core"] / "scoring.py")  # scoring is shared: every stage that plays episodes
         after = keys()
         assert all(after[s] != before[s] for s in before)
         edit(copy_roots["foresight_core"] / "fsdp.py")  # the supervised stages' sharding: FC-RL does not shard

@@ -14,7 +14,8 @@ from foresight_core.config import ModelConfig, SFTConfig
 from foresight_core.format import render_observation, render_turn
 from foresight_core.models import load_model, load_tokenizer
 from foresight_core.packing import IGNORE, LMSample, pack
-from foresight_core.sft import (CausalLMLoss, latest_checkpoint, linear_cross_entropy, loss_mask, lr_factor,
+from foresight_core.losses import CausalLMLoss, linear_cross_entropy
+from foresight_core.sft import (latest_checkpoint, loss_mask, lr_factor,
                                 micro_batch_rows, prepare_data, train)
 from foresight_core.tracking import MemoryTracker
 from foresight_core.types import Action, Step, Task, Trajectory, Turn, WorldModelBlock

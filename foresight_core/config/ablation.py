@@ -17,7 +17,7 @@ from foresight_core.config.base import StrictModel
 from foresight_core.config.load import ConfigError, _format_validation_error, set_path, validate
 from foresight_core.config.pipeline import PipelineConfig, Stage
 
-ABLATION_DIR = Path(__file__).resolve().parents[2] / "configs" / "ablations"
+ABLATION_DIR = Path(__file__).resolve().parent / "ablations"  # package data
 
 
 class Variant(StrictModel):
@@ -47,7 +47,7 @@ class AblationConfig(StrictModel):
 
 
 def load_ablation(name_or_path: str) -> AblationConfig:
-    """A table from ``configs/ablations/<name>.yaml`` or a YAML file path."""
+    """A table from ``foresight_core/config/ablations/<name>.yaml`` or a YAML file path."""
     path = Path(name_or_path)
     if not path.exists():
         path = ABLATION_DIR / f"{name_or_path}.yaml"

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from foresight_core.config.pipeline import PipelineConfig
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "presets"
+PRESET_DIR = Path(__file__).resolve().parent / "presets"  # package data: found from any directory, in a wheel too
 
 # Environment variable -> dotted config path. Standard names, so existing deployments just work.
 ENV_OVERRIDES: dict[str, str] = {
