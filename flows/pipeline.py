@@ -39,7 +39,8 @@ from prefect.schedules import Cron
 from foresight_core.config import PipelineConfig
 from foresight_core.config.ablation import AblationConfig
 from foresight_core.config.load import ENV_OVERRIDES, set_path, validate
-from foresight_tasks.runtime import is_local_uri, local_path, setup_env
+from foresight_core.storage import is_local_uri, local_path
+from foresight_tasks.runtime import setup_env
 from foresight_tasks.tracking import MASK, config_yaml, flatten, mask_text, mlflow_run
 
 def stage_enabled(cfg: PipelineConfig, stage: str) -> bool:

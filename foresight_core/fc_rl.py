@@ -1,7 +1,10 @@
 """Stage 3, FC-RL: foresight-conditioned GRPO with multi-turn tool rollouts.
 
+    run = run_fc_rl(cfg, train_tasks, "work/fc_rl", eval_tasks=held_out, init_model="work/fe_sft/model")
+    run.model_dir, run.result.history                      # as sft.run_sft: config and references in
     result = train_fc_rl(cfg.fc_rl, model, tokenizer, train_tasks, make_env, seed=cfg.seed,
                          eval_tasks=held_out, checkpoint_dir="work/fc_rl/ckpt", tracker=tracker)
+    python -m foresight_core.fc_rl --preset tiny --tasks CORPUS --out DIR --init-model FE_SFT_MODEL
 
 One GRPO step, top to bottom (``train_fc_rl``):
 

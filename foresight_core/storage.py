@@ -28,6 +28,8 @@ import io
 import json
 import posixpath
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -36,6 +38,60 @@ from foresight_core.config.infra import StorageConfig
 
 MANIFEST = "manifest.json"
 JSON_COLUMNS_KEY = b"foresight.json_columns"
+
+
+def is_local_uri(uri: str) -> bool:
+    """True for a plain path or ``file://`` URI, False for ``s3://`` and other remote stores."""
+    return "://" not in uri or uri.startswith("file://")
+
+
+def local_path(uri: str) -> Path:
+    """Absolute local path of a plain path or ``file://`` URI."""
+    return Path(uri.removeprefix("file://")).expanduser().resolve()
+
+
+@dataclass(frozen=True)
+class WorkDir:
+    """The layout of ``<work_dir>``, named once:
+
+        corpus/<key>/       the corpus folders (datasets + manifest.json), one per corpus key
+        ray/                Ray Train's storage: checkpoints of every training stage
+        mlflow.db           the embedded MLflow store (sqlite), local work dirs only
+        mlartifacts/        its artifacts (models, reports)
+        prefect/            the ephemeral Prefect server's home (its database)
+
+    A work dir on S3 holds the first two; MLflow and Prefect then run as servers.
+    """
+
+    uri: str
+
+    @property
+    def is_local(self) -> bool:
+        return is_local_uri(self.uri)
+
+    def corpus(self, key: str) -> str:
+        return join_uri(self.uri, "corpus", key)
+
+    @property
+    def ray(self) -> str:
+        return join_uri(self.uri, "ray")
+
+    def _local(self, name: str, what: str) -> Path:
+        if not self.is_local:
+            raise StorageError(f"work_dir {self.uri} is remote: {what} needs a local folder (run it as a server)")
+        return local_path(self.uri) / name
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self._local("mlflow.db", "the embedded MLflow store")
+
+    @property
+    def mlartifacts(self) -> Path:
+        return self._local("mlartifacts", "the embedded MLflow's artifacts")
+
+    @property
+    def prefect_home(self) -> Path:
+        return self._local("prefect", "the ephemeral Prefect server")
 
 
 class StorageError(RuntimeError):

@@ -23,16 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from foresight_core.config import PipelineConfig, RayConfig
-
-
-def is_local_uri(uri: str) -> bool:
-    """True for a plain path or ``file://`` URI, False for ``s3://`` and other remote stores."""
-    return "://" not in uri or uri.startswith("file://")
-
-
-def local_path(uri: str) -> Path:
-    """Absolute local path of a plain path or ``file://`` URI."""
-    return Path(uri.removeprefix("file://")).expanduser().resolve()
+from foresight_core.storage import WorkDir
 
 
 # A local Ray on 127.0.0.1 only. Ray turns a node address of 127.0.0.1 into this machine's external
@@ -57,9 +48,9 @@ def setup_env(cfg: PipelineConfig, environ: MutableMapping[str, str] = os.enviro
     }
     if cfg.infra.prefect.api_url:
         environ["PREFECT_API_URL"] = cfg.infra.prefect.api_url
-    elif is_local_uri(cfg.work_dir):
+    elif WorkDir(cfg.work_dir).is_local:
         # the ephemeral server's database lives with the rest of this config's outputs
-        defaults["PREFECT_HOME"] = str(local_path(cfg.work_dir) / "prefect")
+        defaults["PREFECT_HOME"] = str(WorkDir(cfg.work_dir).prefect_home)
     if not cfg.infra.ray.address:
         defaults.update(LOCAL_RAY_ENV)
     set_now = {k: v for k, v in defaults.items() if not environ.get(k)}

@@ -33,7 +33,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from foresight_core.config import PipelineConfig, dump_config
-from foresight_tasks.runtime import is_local_uri, local_path
+from foresight_core.storage import WorkDir
 
 MASK = "**********"
 _SECRET_NAMES = re.compile(r"^(key|secret|password|passwd|token|api_key|access_key|secret_key|"
@@ -99,19 +99,19 @@ def tracking_uri(cfg: PipelineConfig) -> str:
     """The configured MLflow URI, else ``sqlite:///<abs work_dir>/mlflow.db`` (created if missing)."""
     if cfg.infra.tracking.tracking_uri:
         return cfg.infra.tracking.tracking_uri
-    if not is_local_uri(cfg.work_dir):
+    work = WorkDir(cfg.work_dir)
+    if not work.is_local:
         raise TrackingError(f"work_dir {cfg.work_dir} is remote, so MLflow cannot keep its sqlite file there: "
                             "set infra.tracking.tracking_uri (or MLFLOW_TRACKING_URI) to an MLflow server")
-    root = local_path(cfg.work_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root / 'mlflow.db'}"
+    work.mlflow_db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{work.mlflow_db}"
 
 
 def _artifact_location(cfg: PipelineConfig, uri: str) -> str | None:
     """Local artifacts beside a local sqlite/file store; a server decides its own (None)."""
     if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
-        if is_local_uri(cfg.work_dir):
-            return (local_path(cfg.work_dir) / "mlartifacts").as_uri()
+        if WorkDir(cfg.work_dir).is_local:
+            return WorkDir(cfg.work_dir).mlartifacts.as_uri()
     return None
 
 

@@ -43,10 +43,10 @@ from pathlib import Path
 from typing import Any
 
 from foresight_core.config import PipelineConfig
-from foresight_core.storage import join_uri, load_manifest, sha256_file
+from foresight_core.storage import WorkDir, is_local_uri, join_uri, load_manifest, local_path, sha256_file
 from foresight_core.tracking import Progress
 from foresight_tasks.progress import watch_stage
-from foresight_tasks.runtime import init_ray, is_local_uri, local_path, setup_env, worker_threads
+from foresight_tasks.runtime import init_ray, setup_env, worker_threads
 from foresight_tasks.stage import MODEL_ARTIFACT, Launched, StageInput, StageSpec, run_stage, skipped
 from foresight_tasks.tracking import MlflowTracker, tracking_uri
 
@@ -104,7 +104,7 @@ def local_model_dir(model_uri: str, tracking: str, dst: str | os.PathLike) -> st
 def ray_storage(cfg: PipelineConfig) -> tuple[str, Any]:
     """``(storage_path, storage_filesystem)`` of ``<work_dir>/ray``: a local folder, or the object store
     through fsspec (s3fs with ``infra.storage``'s endpoint and credentials) wrapped for pyarrow."""
-    uri = join_uri(cfg.work_dir, "ray")
+    uri = WorkDir(cfg.work_dir).ray
     if is_local_uri(uri):
         path = local_path(uri)
         path.mkdir(parents=True, exist_ok=True)

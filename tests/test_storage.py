@@ -140,3 +140,16 @@ def test_publication_protocol_s3(s3_storage):
     write_rows(join_uri(d, "x.parquet"), ROWS, s3_storage)
     back = read_rows(join_uri(d, "x.parquet"), s3_storage)
     assert [{k: v for k, v in r.items() if v is not None} for r in back] == ROWS
+
+
+def test_work_dir_names_the_layout_once(tmp_path) -> None:
+    from foresight_core.storage import StorageError, WorkDir
+
+    local = WorkDir(str(tmp_path))
+    assert local.is_local and local.corpus("abc") == f"{tmp_path}/corpus/abc" and local.ray == f"{tmp_path}/ray"
+    assert local.mlflow_db == tmp_path / "mlflow.db" and local.prefect_home == tmp_path / "prefect"
+    assert WorkDir(f"file://{tmp_path}").mlartifacts == tmp_path / "mlartifacts"
+    remote = WorkDir("s3://bucket/work")
+    assert not remote.is_local and remote.corpus("k") == "s3://bucket/work/corpus/k" and remote.ray == "s3://bucket/work/ray"
+    with pytest.raises(StorageError, match="remote"):
+        remote.mlflow_db
