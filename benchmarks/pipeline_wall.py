@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from foresight_tasks.progress import clock  # m:ss, as the run's own summary prints it
+from tasks.progress import clock  # m:ss, as the run's own summary prints it
 
 STAGES = ("corpus", "wm_amt", "fe_sft", "fc_rl", "eval")
 

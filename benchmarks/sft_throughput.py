@@ -16,7 +16,7 @@ Variants, each in its own subprocess (a fresh allocator; peak RSS is the child's
 - ``ours``: ``foresight_core.sft.run_sft`` without Ray or MLflow (the bare stage);
 - ``trl``: ``trl.SFTTrainer``; ``gradient_checkpointing`` off to match ours (TRL's default is on:
   ``trl_gc`` and ``ours_ac`` measure that setting on both sides);
-- ``ray``: ``foresight_tasks.train.run_sft_stage``: the same loop as a 1-worker Ray Train job logging
+- ``ray``: ``tasks.train.run_sft_stage``: the same loop as a 1-worker Ray Train job logging
   to MLflow (sqlite), started from a fresh local Ray;
 and, with ``--malloc both`` (default), each with and without ``GLIBC_TUNABLES`` (no mmap, no trim).
 Tokens/s counts real (non-pad) tokens over the optimiser steps' wall time (ours: the loop's own
@@ -72,11 +72,11 @@ def run_ours(args: argparse.Namespace, work: Path, activation_checkpointing: boo
 
 
 def run_ray(args: argparse.Namespace, work: Path) -> dict:
-    from foresight_tasks.train import run_sft_stage
+    from tasks.train import run_sft_stage
 
     cfg = pipeline_config(args, work, steps=args.ray_steps)
     t0 = time.perf_counter()
-    from foresight_tasks.runtime import init_ray, setup_env
+    from tasks.runtime import init_ray, setup_env
 
     setup_env(cfg)
     init_ray(cfg.infra.ray)

@@ -95,7 +95,7 @@ def _presets() -> int:
 def _summary(cfg: PipelineConfig, refs: dict[str, Any]) -> None:
     """The references a run produced, one per line (plain text: no wrapping, easy to grep), then the
     stage table (``summary_text``) with each stage run's metrics read back from MLflow."""
-    from foresight_tasks.tracking import run_metrics, tracking_uri
+    from tasks.tracking import run_metrics, tracking_uri
 
     width = max(map(len, refs), default=0)
     print(f"foresight {cfg.name}: outputs")
@@ -124,7 +124,7 @@ def _local_model_path(cfg: PipelineConfig, model_uri: str) -> str | None:
     """The folder holding a ``runs:/<id>/<path>`` model when the run's artifacts are local files."""
     if not model_uri.startswith("runs:/"):
         return None
-    from foresight_tasks.tracking import MlflowTracker, tracking_uri
+    from tasks.tracking import MlflowTracker, tracking_uri
 
     run_id, _, path = model_uri.removeprefix("runs:/").partition("/")
     try:
@@ -194,7 +194,7 @@ def summary_text(name: str, refs: Mapping[str, str], metrics: Mapping[str, Mappi
     ``metrics``: each stage run's latest metrics, by stage; ``model_path``: the final model's local
     folder when the artifact store is local. Plain text, no colour, no wrapping.
     """
-    from foresight_tasks.progress import clock
+    from tasks.progress import clock
 
     stages = [s for s in STAGES if f"{s}.run_id" in refs]
     new_word = {"corpus": "built", "eval": "ran"}
@@ -226,7 +226,7 @@ def summary_text(name: str, refs: Mapping[str, str], metrics: Mapping[str, Mappi
 
 
 def _serve(cfg: PipelineConfig, args: argparse.Namespace) -> int:
-    from foresight_flows.pipeline import make_deployments
+    from flows.pipeline import make_deployments
 
     deployments = make_deployments(cfg, cron=args.cron, timezone=args.timezone)
     for d in deployments:
@@ -263,17 +263,17 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as e:
             return _fail(str(e))
     if args.command == "config":
-        from foresight_tasks.tracking import config_yaml
+        from tasks.tracking import config_yaml
 
         print(config_yaml(cfg), end="")  # SecretStr and URI passwords masked
         return 0
 
-    from foresight_tasks.runtime import setup_env
+    from tasks.runtime import setup_env
 
     setup_env(cfg)  # before Prefect is imported: it reads PREFECT_HOME / PREFECT_API_URL on import
     if args.command == "serve":
         return _serve(cfg, args)
-    from foresight_flows import pipeline as flows
+    from flows import pipeline as flows
 
     if table is not None:
         out = flows.ablation(cfg, table)

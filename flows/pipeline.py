@@ -1,6 +1,6 @@
 """The Prefect flows: ``build_corpus`` (stage 0) and ``pipeline`` (the whole DAG).
 
-    from foresight_flows.pipeline import build_corpus, pipeline
+    from flows.pipeline import build_corpus, pipeline
     refs = pipeline(load_config("tiny"))
     # {"pipeline.run_id": ..., "corpus.manifest_uri": ..., "corpus.run_id": ..., "wm_amt.model_uri": ...}
 
@@ -11,7 +11,7 @@ masked, and a masked, empty or default infra field is filled from the environmen
 process running the flow (``revalidate``).
 
 The DAG lives here and only here. Every stage is a Prefect task below with one signature,
-``stage(cfg, refs, parent_run_id) -> new refs``, and each wraps one adapter of ``foresight_tasks``
+``stage(cfg, refs, parent_run_id) -> new refs``, and each wraps one adapter of ``tasks``
 (``corpus``, ``train``, ``rl``, ``evaluate``), which knows nothing of other stages. What feeds what is
 decided here: every stage reads the corpus this pipeline built (``corpus_uri``), and every stage after
 WM-AMT starts from the newest model of this pipeline run (``starting_model``: FE-SFT from WM-AMT's,
@@ -40,8 +40,8 @@ from foresight_core.config import PipelineConfig
 from foresight_core.config.ablation import AblationConfig
 from foresight_core.config.load import ENV_OVERRIDES, set_path, validate
 from foresight_core.storage import is_local_uri, local_path
-from foresight_tasks.runtime import setup_env
-from foresight_tasks.tracking import MASK, config_yaml, flatten, mask_text, mlflow_run
+from tasks.runtime import setup_env
+from tasks.tracking import MASK, config_yaml, flatten, mask_text, mlflow_run
 
 def stage_enabled(cfg: PipelineConfig, stage: str) -> bool:
     section = getattr(cfg, stage, None)
@@ -101,7 +101,7 @@ def starting_model(stage: str, refs: Mapping[str, str]) -> str | None:
 
 def corpus_uri(cfg: PipelineConfig, refs: Mapping[str, str]) -> str:
     """The corpus the stages read: the one this pipeline built, else the newest finished one of this config."""
-    from foresight_tasks.corpus import find_corpus
+    from tasks.corpus import find_corpus
 
     return find_corpus(cfg, refs.get("corpus.uri")).uri
 
@@ -121,7 +121,7 @@ def corpus(cfg: PipelineConfig, refs: dict[str, str], parent_run_id: str | None)
     hindsight, write the datasets with a manifest. Retried once: the build is idempotent (a folder
     without its manifest is rebuilt, a complete one reused). No Prefect result cache: reuse lives in
     the manifest, so it holds across Prefect servers and machines."""
-    from foresight_tasks.corpus import run_corpus_stage
+    from tasks.corpus import run_corpus_stage
 
     return run_corpus_stage(cfg, parent_run_id)
 
@@ -129,7 +129,7 @@ def corpus(cfg: PipelineConfig, refs: dict[str, str], parent_run_id: str | None)
 @task(name="wm_amt", cache_policy=NO_CACHE)
 def wm_amt(cfg: PipelineConfig, refs: dict[str, str], parent_run_id: str | None) -> dict[str, str]:
     """Stage 1: next-token loss over the annotated corpus, from the base model."""
-    from foresight_tasks.train import run_sft_stage
+    from tasks.train import run_sft_stage
 
     return _stage_refs("wm_amt", run_sft_stage("wm_amt", cfg, corpus_uri(cfg, refs),
                                                init_model_uri=starting_model("wm_amt", refs),
@@ -140,7 +140,7 @@ def wm_amt(cfg: PipelineConfig, refs: dict[str, str], parent_run_id: str | None)
 def fe_sft(cfg: PipelineConfig, refs: dict[str, str], parent_run_id: str | None) -> dict[str, str]:
     """Stage 2: assistant-token loss on the FE-SFT set, from WM-AMT's model when WM-AMT ran in this
     pipeline (the full method), else from the base model (the FE-SFT-only baseline)."""
-    from foresight_tasks.train import run_sft_stage
+    from tasks.train import run_sft_stage
 
     return _stage_refs("fe_sft", run_sft_stage("fe_sft", cfg, corpus_uri(cfg, refs),
                                                init_model_uri=starting_model("fe_sft", refs),
@@ -150,7 +150,7 @@ def fe_sft(cfg: PipelineConfig, refs: dict[str, str], parent_run_id: str | None)
 @task(name="fc_rl", cache_policy=NO_CACHE)
 def fc_rl(cfg: PipelineConfig, refs: dict[str, str], parent_run_id: str | None) -> dict[str, str]:
     """Stage 3: foresight-conditioned GRPO on the corpus's RL tasks, from the newest model of this run."""
-    from foresight_tasks.rl import run_fc_rl_stage
+    from tasks.rl import run_fc_rl_stage
 
     return _stage_refs("fc_rl", run_fc_rl_stage(cfg, starting_model("fc_rl", refs), corpus_uri(cfg, refs),
                                                 parent_run_id=parent_run_id))
@@ -160,7 +160,7 @@ def fc_rl(cfg: PipelineConfig, refs: dict[str, str], parent_run_id: str | None) 
 def evaluate(cfg: PipelineConfig, refs: dict[str, str], parent_run_id: str | None) -> dict[str, str]:
     """Stage 4: held-out benchmarks for the newest model of this run (else the base model): score,
     calibration, grounding, format and test-time planning."""
-    from foresight_tasks.evaluate import run_eval_stage
+    from tasks.evaluate import run_eval_stage
 
     ref = run_eval_stage(cfg, starting_model("eval", refs), corpus_uri(cfg, refs), parent_run_id=parent_run_id)
     out = {"eval.run_id": str(ref["run_id"]), "eval.reused": str(ref["reused"]).lower()}
@@ -225,7 +225,7 @@ def ablation(cfg: PipelineConfig, table: AblationConfig) -> dict[str, Any]:
     and overrides, nested under one MLflow run; finished stages are shared between variants (the corpus
     always, WM-AMT / FE-SFT wherever config and inputs agree). The table (markdown and CSV) is logged."""
     from foresight_core.config.ablation import apply_variant
-    from foresight_tasks.tracking import run_metrics
+    from tasks.tracking import run_metrics
 
     cfg = revalidate(cfg)
     logger = get_run_logger()

@@ -21,7 +21,7 @@ Decoding modes:
   agent loop is the same code. (METHOD.md: "sample K candidate plans, act on the one with the highest
   verbalised q; measured against greedy".)
 
-Pure science: imports no Ray, Prefect or MLflow; the Ray Data adapter is ``foresight_tasks.evaluate``.
+Pure science: imports no Ray, Prefect or MLflow; the Ray Data adapter is ``tasks.evaluate``.
 """
 
 from __future__ import annotations

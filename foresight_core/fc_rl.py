@@ -29,7 +29,7 @@ Simplifications, said out loud:
 
 DDP-aware: when ``torch.distributed`` is initialised each rank plays its share of the step's tasks,
 the model is wrapped in DistributedDataParallel, and the loss is normalised by the global token count.
-Nothing here imports Ray, Prefect, MLflow or vLLM; ``foresight_tasks.rl`` wraps this in Ray Train.
+Nothing here imports Ray, Prefect, MLflow or vLLM; ``tasks.rl`` wraps this in Ray Train.
 """
 
 from __future__ import annotations

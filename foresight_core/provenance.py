@@ -2,7 +2,7 @@
 
     from foresight_core.provenance import code_version
     code_version("foresight_core.corpus")      # '0.1.0+3f2a9c1e0b7d'
-    code_version("foresight_tasks.train")      # what WM-AMT / FE-SFT run: sft, packing, models, ...
+    code_version("tasks.train")      # what WM-AMT / FE-SFT run: sft, packing, models, ...
 
 A stage's result is reused when its key matches a finished run; the key holds the config, the
 inputs' hashes and this version, so editing the code a stage runs retrains that stage and only
@@ -12,8 +12,8 @@ walked packages, and the files of ``foresight_core`` that this reaches are hashe
 version and the versions of the libraries that compute (torch, transformers, ...).
 
 Not hashed: ``foresight_core.config`` (a config's *values* are in every key already, so a new
-field or a docstring does not retrain anything by itself) and the adapters (``foresight_tasks``,
-``foresight_flows``: they move references and start jobs; they are walked, to find which science
+field or a docstring does not retrain anything by itself) and the adapters (``tasks``,
+``flows``: they move references and start jobs; they are walked, to find which science
 a stage reaches, but their own bytes do not count).
 """
 
@@ -38,7 +38,7 @@ LIBRARIES = ("torch", "transformers", "peft", "math-verify", "bm25s")
 def package_roots() -> dict[str, Path]:
     """``{package name: source folder}`` of this install: the science and its adapters."""
     roots = {HASHED_PACKAGE: Path(foresight_core.__file__).parent}
-    for name in ("foresight_tasks", "foresight_flows"):
+    for name in ("tasks", "flows"):
         try:
             import importlib.util
 

@@ -18,7 +18,7 @@ With ``<stage>.format_check_tasks`` > 0 and ``--check-tasks`` (a corpus folder, 
 used, or a task file), the saved final model then plays that many held-out tasks: the format-capability
 check of ``foresight_core.capability`` (``check/*`` metrics: format adherence, grounding, ECE, Brier).
 
-Under Ray Train (``foresight_tasks.train``) the same ``train`` runs in every worker: it sees the
+Under Ray Train (``tasks.train``) the same ``train`` runs in every worker: it sees the
 process group that TorchTrainer set up, wraps the model in DDP (or shards it with FSDP2 when
 ``scaling.strategy`` is fsdp), shards rows by rank, all-reduces its metrics, and hands each
 checkpoint folder to the ``on_checkpoint`` hook (which reports it to Ray). Resuming is one code
@@ -82,11 +82,15 @@ def _trajectory_dict(row: dict[str, Any]) -> dict[str, Any] | None:
 def row_sample(row: dict[str, Any], tokenizer, foresight: bool = True):
     """One data row as a ``TokenizedSample`` (ids + assistant / observation / wm / policy masks)."""
     from foresight_core.chat import TokenizedSample, tokenize_messages, trajectory_messages
-    from foresight_core.types import Trajectory
+    from foresight_core.types import CorpusRow, Trajectory
 
-    traj = _trajectory_dict(row)
-    if traj is not None:
-        return tokenize_messages(tokenizer, trajectory_messages(Trajectory.from_dict(traj), foresight))
+    if "kind" in row:  # a corpus row: the corpus's own schema, checked field by field
+        corpus_row = CorpusRow.from_dict(row)
+        if corpus_row.trajectory is not None:
+            return tokenize_messages(tokenizer, trajectory_messages(corpus_row.trajectory, foresight))
+        row = {"text": corpus_row.text}
+    elif "steps" in row:  # a bare Trajectory.to_dict()
+        return tokenize_messages(tokenizer, trajectory_messages(Trajectory.from_dict(row), foresight))
     if "messages" in row:
         return tokenize_messages(tokenizer, list(row["messages"]))
     if "text" in row:

@@ -1,11 +1,11 @@
 """What the science code may say to an experiment tracker, with no tracker imported.
 
 Training loops take a ``Tracker``; the orchestration layer passes an MLflow-backed one
-(``foresight_tasks.tracking``) on rank 0 and ``NullTracker`` elsewhere, in tests and when
+(``tasks.tracking``) on rank 0 and ``NullTracker`` elsewhere, in tests and when
 tracking is off -- the no-op logger of nanochat.
 
 ``Progress`` says where a long loop is (the phase, episodes or steps done of how many) through the
-same tracker, as one run tag that the driver polls (``foresight_tasks.progress``): a Ray worker's
+same tracker, as one run tag that the driver polls (``tasks.progress``): a Ray worker's
 terminal is not the user's, and the tag reaches the driver wherever the worker runs.
 """
 

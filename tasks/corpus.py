@@ -22,8 +22,8 @@ from foresight_core.config import PipelineConfig
 from foresight_core.corpus import Manifest, build_corpus, collect_items, corpus_key, corpus_uri
 from foresight_core.storage import MANIFEST, join_uri, load_manifest
 from foresight_core.types import Trajectory
-from foresight_tasks.runtime import init_ray, ray_map
-from foresight_tasks.tracking import find_runs, mlflow_run, stage_params
+from tasks.runtime import init_ray, ray_map
+from tasks.tracking import find_runs, mlflow_run, stage_params
 
 # manifest sections whose numbers become metrics (lists and per-file hashes do not)
 METRIC_SECTIONS = ("counts", "trajectories", "successes", "failures", "success_rate", "success_rate_by_env",

@@ -1,13 +1,13 @@
 """Benchmark evaluation as a Ray Data job recorded in MLflow: the adapter around ``foresight_core.evaluation``.
 
-    from foresight_tasks.evaluate import run_eval_stage
+    from tasks.evaluate import run_eval_stage
     ev = run_eval_stage(cfg, model_uri=rl["model_uri"], corpus_uri=manifest.uri, parent_run_id=...)
     ev["metrics"]["search_world/direct/score"], ev["metrics"]["avg/planning/score"]
 
 What one call does:
 1. Resolves its inputs: the corpus's held-out ``eval/<benchmark>`` task sets (by its manifest) and the
    model to evaluate (an MLflow ``runs:/`` URI, an HF folder, or None for the config's base model).
-2. Hands the stage to ``foresight_tasks.stage.run_stage`` (key, reuse of a FINISHED run, the MLflow run):
+2. Hands the stage to ``tasks.stage.run_stage`` (key, reuse of a FINISHED run, the MLflow run):
    a spec of the eval sets, the model and ``ENTRIES`` (the core modules it runs).
 3. Ray Data: the tasks flow through ``map_batches`` into a pool of ``cfg.eval.num_actors`` actors, each
    holding one copy of the model (loaded once) and playing whole batches of episodes with the HF engine
@@ -32,12 +32,12 @@ from foresight_core.config import PipelineConfig
 from foresight_core.evaluation import flat_metrics, modes, summarise
 from foresight_core.storage import sha256_file
 from foresight_core.tracking import PROGRESS_TAG, Progress
-from foresight_tasks.progress import watch_stage
-from foresight_tasks.rl import load_tasks
-from foresight_tasks.runtime import init_ray, quiet_ray_data, setup_env, worker_threads
-from foresight_tasks.stage import Launched, StageInput, StageSpec, run_stage
-from foresight_tasks.tracking import MlflowTracker, tracking_uri
-from foresight_tasks.train import StageInputError, local_model_dir
+from tasks.progress import watch_stage
+from tasks.rl import load_tasks
+from tasks.runtime import init_ray, quiet_ray_data, setup_env, worker_threads
+from tasks.stage import Launched, StageInput, StageSpec, run_stage
+from tasks.tracking import MlflowTracker, tracking_uri
+from tasks.train import StageInputError, local_model_dir
 
 STAGE = "eval"
 # the science evaluation runs (the agent loop and scoring, the environments, the model loader, the GPU engine)
@@ -111,7 +111,7 @@ def run_eval_stage(cfg: PipelineConfig, model_uri: str | None, corpus_uri: str,
                    parent_run_id: str | None = None) -> dict[str, Any]:
     """Evaluate (or reuse the evaluation of) ``model_uri`` on the corpus's held-out sets.
 
-    Returns the stage reference (``foresight_tasks.stage``) with ``metrics`` flattened as
+    Returns the stage reference (``tasks.stage``) with ``metrics`` flattened as
     ``<benchmark>/<mode>/<metric>``."""
     setup_env(cfg)
     storage = cfg.infra.storage

@@ -317,7 +317,7 @@ class RunWatcher:
 def run_fetcher(tracker: Any) -> Callable[[], tuple[dict[str, float], dict[str, str]]]:
     """``fetch`` for ``RunWatcher``: the latest metrics and the tags of ``tracker``'s MLflow run, read
     with a client of its own (``MlflowTracker``: tracking URI + run id)."""
-    from foresight_tasks.tracking import MlflowTracker
+    from tasks.tracking import MlflowTracker
 
     reader = MlflowTracker(tracker.tracking_uri, tracker.run_id)
 

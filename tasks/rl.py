@@ -1,14 +1,14 @@
 """FC-RL as a Ray Train job recorded in MLflow: the adapter around ``foresight_core.fc_rl``.
 
-    from foresight_tasks.rl import run_fc_rl_stage
+    from tasks.rl import run_fc_rl_stage
     rl = run_fc_rl_stage(cfg, init_model_uri=fe["model_uri"], task_set_uri=corpus_uri, parent_run_id=...)
     rl["model_uri"]     # "runs:/<run id>/model"; rl["metrics"] holds the held-out evaluation before / after
 
-What one call does (the same shape as ``foresight_tasks.train.run_sft_stage``):
+What one call does (the same shape as ``tasks.train.run_sft_stage``):
 1. Resolves its inputs: the RL task set (``rl_tasks``) and the held-out ``eval/*`` task sets of the
    corpus folder, by its manifest; the starting model (the FE-SFT run's ``runs:/`` URI or an HF folder;
    None: the config's base model).
-2. Hands the stage to ``foresight_tasks.stage.run_stage`` (key, reuse, resume, the MLflow run): a spec
+2. Hands the stage to ``tasks.stage.run_stage`` (key, reuse, resume, the MLflow run): a spec
    of the task set, the starting model and ``ENTRIES`` (the core modules it runs).
 3. Runs ``foresight_core.fc_rl.run_fc_rl`` in every worker of a ``TorchTrainer`` (DDP over gloo on
    CPU, NCCL on GPUs). Each checkpoint the loop writes is reported with ``ray.train.report``; a worker
@@ -31,10 +31,10 @@ from foresight_core.config import PipelineConfig
 from foresight_core.capability import held_out_task_uris, read_tasks
 from foresight_core.fc_rl import eval_subset
 from foresight_core.tracking import Progress
-from foresight_tasks.runtime import setup_env
-from foresight_tasks.stage import MODEL_ARTIFACT, Launched, StageInput, StageSpec, run_stage, skipped
-from foresight_tasks.tracking import MlflowTracker, tracking_uri
-from foresight_tasks.train import StageInputError, fit_stage, local_model_dir, resolve_dataset
+from tasks.runtime import setup_env
+from tasks.stage import MODEL_ARTIFACT, Launched, StageInput, StageSpec, run_stage, skipped
+from tasks.tracking import MlflowTracker, tracking_uri
+from tasks.train import StageInputError, fit_stage, local_model_dir, resolve_dataset
 
 STAGE = "fc_rl"
 # the science FC-RL runs (the loop, the environments, the model loader, the GPU engine): its code version is in the key

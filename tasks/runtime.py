@@ -1,13 +1,13 @@
 """Where the pipeline runs: process environment, Ray (local or a cluster) and Ray Data maps.
 
-    from foresight_tasks.runtime import setup_env, init_ray, ray_map
+    from tasks.runtime import setup_env, init_ray, ray_map
     setup_env(cfg)                    # BEFORE prefect is imported: PREFECT_HOME, server URL, telemetry off
     init_ray(cfg.infra.ray)           # local Ray on 127.0.0.1 with a capped object store, or RAY_ADDRESS
     rows = ray_map(items, fn, num_blocks=8)   # fn(list[item]) -> list[row], run as a Ray Data job
 
 The embedded default needs nothing started by hand: Prefect's ephemeral server with its
 database under the work dir, a local Ray bound to 127.0.0.1 with no dashboard, MLflow on a
-sqlite file (``foresight_tasks.tracking``). Config (or the standard environment variables
+sqlite file (``tasks.tracking``). Config (or the standard environment variables
 ``RAY_ADDRESS``, ``PREFECT_API_URL``, ``MLFLOW_TRACKING_URI``, ``AWS_*``) points the same code at
 servers. Settings a user already exported always win over the defaults set here.
 """
@@ -76,7 +76,7 @@ def init_ray(ray_cfg: RayConfig) -> str:
 
     if ray.is_initialized():
         return "existing"
-    from foresight_tasks.progress import activity
+    from tasks.progress import activity
 
     if ray_cfg.address:
         # a cluster: its workers must have this package installed (deployments/Dockerfile does that)
@@ -130,7 +130,7 @@ def ray_map(items: list[dict[str, Any]], fn: Callable[[list[dict[str, Any]]], li
 @contextmanager
 def quiet_ray_data() -> Iterator[None]:
     """Ray Data without its own progress bars and per-dataset log lines, for datasets created inside:
-    the caller shows progress in its own units (``foresight_tasks.progress``)."""
+    the caller shows progress in its own units (``tasks.progress``)."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -148,11 +148,11 @@ def quiet_ray_data() -> Iterator[None]:
 @contextmanager
 def _progress(show: bool, description: str, total: int) -> Iterator[Callable[[int], None]]:
     """A progress line counted in items (or nothing): ``with _progress(...) as advance``; a bar on a
-    terminal, plain lines elsewhere (``foresight_tasks.progress.Display``)."""
+    terminal, plain lines elsewhere (``tasks.progress.Display``)."""
     if not show:
         yield lambda n: None
         return
-    from foresight_tasks.progress import Display, Status, clock
+    from tasks.progress import Display, Status, clock
 
     display, done = Display(description), 0
     display.show(Status(phase="collect", done=0, total=total, unit="items"))

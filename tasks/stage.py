@@ -14,7 +14,7 @@ A stage is a spec plus its core function. ``run_stage`` owns what every stage do
 3. Else a RUNNING or FAILED run with that key (the process died, or Ray gave up) is continued, so a
    stage started again resumes from its last checkpoint; else a new run nested under the parent gets the
    input tags, the stage's params and its datasets.
-4. ``spec.launch(tracker, key)`` runs the job on Ray (Ray Train: ``foresight_tasks.train.fit_stage``; Ray
+4. ``spec.launch(tracker, key)`` runs the job on Ray (Ray Train: ``tasks.train.fit_stage``; Ray
    Data: the eval actors) and returns the metrics and output tags it wants in the reference. The run is
    marked FAILED if it raises and FINISHED with the output tags if not.
 5. The reference: ``{"stage", "run_id", "run_key", "model_uri", "checkpoint", "metrics", "reused"}``.
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from foresight_core.config import PipelineConfig
-from foresight_tasks.tracking import MlflowTracker, find_runs, stage_params, start_run, tracking_uri
+from tasks.tracking import MlflowTracker, find_runs, stage_params, start_run, tracking_uri
 
 MODEL_ARTIFACT = "model"
 

@@ -1,6 +1,6 @@
 """MLflow behind ``foresight_core.tracking.Tracker``: runs, nested stage runs, params, datasets.
 
-    from foresight_tasks.tracking import mlflow_run, stage_params
+    from tasks.tracking import mlflow_run, stage_params
     with mlflow_run(cfg, "corpus", stage="corpus", parent_run_id=parent.run_id) as run:
         run.log_params(stage_params(cfg, "seed", "corpus", "envs"))   # dotted keys, secrets masked
         run.log_metrics({"corpus.success_rate": 0.6})

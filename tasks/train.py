@@ -1,6 +1,6 @@
 """WM-AMT and FE-SFT as Ray Train jobs recorded in MLflow: the adapter around ``foresight_core.sft``.
 
-    from foresight_tasks.train import run_sft_stage
+    from tasks.train import run_sft_stage
     wm = run_sft_stage("wm_amt", cfg, corpus_uri, parent_run_id=pipeline_run.run_id)
     fe = run_sft_stage("fe_sft", cfg, corpus_uri, init_model_uri=wm["model_uri"], parent_run_id=...)
     fe["model_uri"]     # "runs:/<run id>/model": the next stage's input, by reference
@@ -9,7 +9,7 @@ What one call does:
 1. Resolves its inputs: the stage's dataset in the corpus folder (by its ``manifest.json``, never
    a guessed name) and the starting model (an MLflow ``runs:/`` URI, or an HF folder; None: the
    config's base model).
-2. Hands the stage to ``foresight_tasks.stage.run_stage`` (key, reuse of a FINISHED run, resume of an
+2. Hands the stage to ``tasks.stage.run_stage`` (key, reuse of a FINISHED run, resume of an
    unfinished one, the MLflow run and its input tags): a spec of the dataset, the starting model and
    ``ENTRIES``, the core module whose code version is part of the key.
 3. Runs ``foresight_core.sft.run_sft`` in every worker of a ``TorchTrainer``: ``ScalingConfig``
@@ -45,10 +45,10 @@ from typing import Any
 from foresight_core.config import PipelineConfig
 from foresight_core.storage import WorkDir, is_local_uri, join_uri, load_manifest, local_path, sha256_file
 from foresight_core.tracking import Progress
-from foresight_tasks.progress import watch_stage
-from foresight_tasks.runtime import init_ray, setup_env, worker_threads
-from foresight_tasks.stage import MODEL_ARTIFACT, Launched, StageInput, StageSpec, run_stage, skipped
-from foresight_tasks.tracking import MlflowTracker, tracking_uri
+from tasks.progress import watch_stage
+from tasks.runtime import init_ray, setup_env, worker_threads
+from tasks.stage import MODEL_ARTIFACT, Launched, StageInput, StageSpec, run_stage, skipped
+from tasks.tracking import MlflowTracker, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def fit_stage(worker: Any, loop_config: dict[str, Any], cfg: PipelineConfig, sta
 
 def run_sft_stage(stage: str, cfg: PipelineConfig, corpus_uri: str, init_model_uri: str | None = None,
                   parent_run_id: str | None = None) -> dict[str, Any]:
-    """Run (or reuse, or resume) one supervised stage; returns its reference (``foresight_tasks.stage``):
+    """Run (or reuse, or resume) one supervised stage; returns its reference (``tasks.stage``):
     ``{"stage", "run_id", "run_key", "model_uri", "checkpoint", "metrics", "reused"}``."""
     if stage not in SFT_STAGES:
         raise ValueError(f"stage must be one of {SFT_STAGES}, got {stage!r}")

@@ -5,7 +5,7 @@ At import time (before any test imports Prefect, which reads its settings on imp
   apply them (``MLFLOW_TRACKING_URI``, ``RAY_ADDRESS``, ``PREFECT_API_URL``, ``AWS_*``); tests that
   need a server read ``FORESIGHT_TEST_*`` variables, set by ``.ci/run``, and skip without them;
 - ``PREFECT_HOME`` becomes a fresh temporary folder, analytics and Ray usage stats are off, and a
-  local Ray runs single-node, bound to 127.0.0.1 (``foresight_tasks.runtime.LOCAL_RAY_ENV``).
+  local Ray runs single-node, bound to 127.0.0.1 (``tasks.runtime.LOCAL_RAY_ENV``).
 
 Fixtures:
 - ``prefect_server`` (session): Prefect's test harness, a throw-away server and database.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from foresight_tasks.runtime import LOCAL_RAY_ENV
+from tasks.runtime import LOCAL_RAY_ENV
 
 SERVER_VARS = ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "PREFECT_API_URL", "PREFECT_API_KEY", "AWS_ENDPOINT_URL",
                "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
@@ -61,7 +61,7 @@ def prefect_server() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
     from foresight_core.config import RayConfig
-    from foresight_tasks.runtime import init_ray
+    from tasks.runtime import init_ray
 
     started = init_ray(RayConfig(num_cpus=2, object_store_memory_mb=128)) != "existing"
     yield

@@ -51,7 +51,7 @@ def test_apply_variant_keeps_credentials():
 
 def test_ablation_columns_and_markdown():
     pytest.importorskip("prefect")
-    from foresight_flows.pipeline import ablation_columns, table_markdown
+    from flows.pipeline import ablation_columns, table_markdown
 
     metrics = {"search_world/direct/score": 0.5, "gsm_symbolic/direct/score": 0.25, "avg/direct/score": 0.375,
                "search_world/planning/score": 0.75, "search_world/direct/ece_first": 0.1}

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from foresight_flows import cli
+from flows import cli
 
 HEAVY = ("torch", "ray", "prefect", "mlflow", "transformers")
 
 
 def _foresight(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "foresight_flows.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
@@ -30,7 +30,7 @@ def test_help_is_instant_and_imports_nothing_heavy() -> None:
     for command in ("corpus", "wm-amt", "fe-sft", "fc-rl", "eval", "run", "config", "presets", "serve"):
         assert command in out.stdout
     # what makes it instant: parsing and config validation load none of the heavy libraries
-    probe = ("import sys; from foresight_flows import cli; cli.build_parser().parse_args(['corpus']); "
+    probe = ("import sys; from flows import cli; cli.build_parser().parse_args(['corpus']); "
              "from foresight_core.config import load_config; load_config('paper', env={}); "
              f"print([m for m in sys.modules if m.split('.')[0] in {HEAVY!r}])")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
@@ -107,12 +107,12 @@ def test_every_stage_has_its_prefect_task_in_the_flow() -> None:
     (this replaces the check for a stage module missing from the install, which the flow no longer has)."""
     import typing
 
-    from foresight_flows import pipeline
+    from flows import pipeline
     from foresight_core.config import PipelineConfig
 
     stage_names = set(typing.get_args(typing.get_args(PipelineConfig.model_fields["stages"].annotation)[0]))
     assert stage_names == set(pipeline.STAGE_TASKS)
-    assert all(t.fn.__module__ == "foresight_flows.pipeline" for t in pipeline.STAGE_TASKS.values())
+    assert all(t.fn.__module__ == "flows.pipeline" for t in pipeline.STAGE_TASKS.values())
 
 
 def test_serve_dry_run(capsys) -> None:
@@ -174,7 +174,7 @@ def test_foresight_corpus_tiny_end_to_end(tmp_path: Path) -> None:
     dir, a local Ray, sqlite MLflow. (Reuse on a second run is tested in test_flows.py.)"""
     work = tmp_path / "work"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_HOME"}  # let the CLI place it
-    args = [sys.executable, "-m", "foresight_flows.cli", "corpus", "--preset", "tiny", "--set", f"work_dir={work}"]
+    args = [sys.executable, "-m", "flows.cli", "corpus", "--preset", "tiny", "--set", f"work_dir={work}"]
     t0 = time.perf_counter()
     out = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]

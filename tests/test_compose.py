@@ -132,7 +132,7 @@ def test_prefect_yaml_deployments(deployment: dict) -> None:
 
     path, func = deployment["entrypoint"].split(":")
     assert (ROOT / path).is_file()
-    module = importlib.import_module("foresight_flows." + Path(path).stem)
+    module = importlib.import_module("flows." + Path(path).stem)
     assert isinstance(getattr(module, func), Flow)
     cfg = PipelineConfig.model_validate(deployment["parameters"]["cfg"])
     # the laptop parameters are the laptop preset, less the work dir the worker's environment gives

@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel
 
 from foresight_core.config import ConfigError, PipelineConfig, dump_config, list_presets, load_config
-from foresight_tasks.tracking import MASK, config_yaml, flatten, mask_text, stage_params
+from tasks.tracking import MASK, config_yaml, flatten, mask_text, stage_params
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "foresight_core" / "config" / "presets"
 

@@ -14,7 +14,7 @@ from foresight_core.envs.loaders import LoaderError
 from foresight_core.format import parse_turn, render_turn
 from foresight_core.scoring import grounding as grounding_reward
 from foresight_core.storage import MANIFEST, is_complete, join_uri, read_json
-from foresight_core.types import Action, Step, Task, Trajectory, Turn
+from foresight_core.types import Action, CorpusRow, Step, Task, Trajectory, Turn
 from test_storage import s3_storage  # noqa: F401  (the moto server fixture)
 
 NO_NOISE = ["corpus.noise.wrong_query=0", "corpus.noise.premature_answer=0", "corpus.noise.arithmetic_slip=0",
@@ -310,3 +310,25 @@ def test_llm_behaviour_needs_its_section():
     from foresight_core.config import ConfigError
     with pytest.raises(ConfigError, match="corpus.*needs a corpus.llm section"):
         load_config("tiny", overrides=["corpus.behaviour=llm"], env={})
+
+
+def test_every_written_row_is_a_corpus_row_and_round_trips(tiny_cfg):
+    """The corpus writes CorpusRow.to_dict() rows; reading them back gives the same rows, field for field."""
+    manifest = build_corpus(tiny_cfg, progress=False)
+    for name in ("wm_amt", "fe_sft"):
+        for d in manifest.read(name):
+            row = CorpusRow.from_dict(d)
+            assert row.split == name and row.to_dict() == d
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"split": "wm_amt", "text": "x"}, r"missing \['kind'\]"),
+    ({"kind": "text", "split": "train", "text": "x"}, r"split must be one of \['wm_amt', 'fe_sft'\], got 'train'"),
+    ({"kind": "text", "split": "wm_amt"}, r"a 'text' row needs a string text"),
+    ({"kind": "trajectory", "split": "fe_sft"}, r"a 'trajectory' row needs a 'trajectory' mapping"),
+    ({"kind": "trajectory", "split": "fe_sft", "trajectory": {"steps": []}}, r"its trajectory is malformed"),
+    ({"kind": "episode", "split": "fe_sft", "trajectory": {}}, r"kind must be 'trajectory' or 'text', got 'episode'"),
+])
+def test_a_bad_corpus_row_names_what_is_wrong(bad, match):
+    with pytest.raises(ValueError, match=match):
+        CorpusRow.from_dict(bad)

@@ -192,7 +192,7 @@ def test_bad_checkpoint_is_named(tok, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The Ray Train adapter (foresight_tasks.rl): two DDP workers, MLflow, reuse
+# The Ray Train adapter (tasks.rl): two DDP workers, MLflow, reuse
 
 
 @pytest.mark.slow
@@ -202,7 +202,7 @@ def test_ray_train_stage_two_workers(tmp_path, mlflow_uri, ray_local):
     from foresight_core.config import load_config
     from foresight_core.envs.search_world import generate_world, make_search_world_tasks
     from foresight_core.storage import DatasetWriter
-    from foresight_tasks.rl import run_fc_rl_stage
+    from tasks.rl import run_fc_rl_stage
 
     world = generate_world(1, 24)
     mix = {"one_hop": 1.0}

@@ -14,7 +14,7 @@ import pytest
 
 from foresight_core.config import ConfigError, PipelineConfig, load_config
 from foresight_core.storage import is_complete
-from foresight_tasks.tracking import MASK
+from tasks.tracking import MASK
 
 SECRETS = ("AKIDFLOWTEST", "flow-test-secret-value")
 
@@ -46,7 +46,7 @@ def _run_text(client, run) -> str:
 def test_flow_parameter_is_a_form() -> None:
     from prefect.utilities.callables import parameter_schema
 
-    from foresight_flows.pipeline import build_corpus, pipeline
+    from flows.pipeline import build_corpus, pipeline
 
     for f in (pipeline, build_corpus):
         schema = parameter_schema(f).model_dump_for_openapi()
@@ -58,7 +58,7 @@ def test_flow_parameter_is_a_form() -> None:
 
 
 def test_setup_env_embedded_default_and_user_values_win(tmp_path: Path) -> None:
-    from foresight_tasks.runtime import setup_env
+    from tasks.runtime import setup_env
 
     env: dict[str, str] = {"PREFECT_SERVER_ANALYTICS_ENABLED": "true"}  # the user's own choice stays
     cfg = load_config("tiny", overrides=[f"work_dir={tmp_path / 'w'}"], env={})
@@ -76,7 +76,7 @@ def test_setup_env_embedded_default_and_user_values_win(tmp_path: Path) -> None:
 
 
 def test_revalidate_fills_masked_fields_from_the_environment() -> None:
-    from foresight_flows.pipeline import revalidate
+    from flows.pipeline import revalidate
 
     stored = load_config("tiny", env={"AWS_ACCESS_KEY_ID": "AKID", "AWS_SECRET_ACCESS_KEY": "sekrit"}).model_dump(
         mode="json")
@@ -107,13 +107,13 @@ def test_revalidate_fills_masked_fields_from_the_environment() -> None:
 
 
 def test_deployments_schedule_and_masked_parameters() -> None:
-    from foresight_flows.pipeline import make_deployments
+    from flows.pipeline import make_deployments
 
     cfg = load_config("tiny", env={"AWS_ACCESS_KEY_ID": SECRETS[0], "AWS_SECRET_ACCESS_KEY": SECRETS[1],
                                    "MLFLOW_TRACKING_URI": "postgresql://u:pw-123@db/mlflow"})
     retrain, corpus = make_deployments(cfg, cron="30 2 * * 1", timezone="Europe/Paris")
     assert (retrain.name, corpus.name) == ("tiny-retrain", "tiny-corpus")
-    assert retrain.entrypoint == "foresight_flows.pipeline.pipeline"
+    assert retrain.entrypoint == "flows.pipeline.pipeline"
     (sched,) = retrain.schedules
     assert (sched.schedule.cron, sched.schedule.timezone) == ("30 2 * * 1", "Europe/Paris")
     assert corpus.schedules == []
@@ -133,8 +133,8 @@ def test_local_ray_listens_on_loopback_only(ray_local) -> None:
 def test_build_corpus_flow_records_to_mlflow_and_reuses(prefect_server, ray_local, tmp_path: Path) -> None:
     from prefect.client.orchestration import get_client
 
-    from foresight_flows.pipeline import build_corpus, pipeline
-    from foresight_tasks.corpus import find_corpus
+    from flows.pipeline import build_corpus, pipeline
+    from tasks.corpus import find_corpus
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = load_config("tiny", overrides=[f"work_dir={tmp_path / 'work'}", f"infra.tracking.tracking_uri={uri}",
@@ -209,7 +209,7 @@ def test_corpus_on_s3_with_mlflow_server(ray_local) -> None:
         pytest.skip("needs FORESIGHT_TEST_MLFLOW_URI and FORESIGHT_TEST_S3_ENDPOINT (.ci/run starts both)")
     import s3fs
 
-    from foresight_flows.pipeline import corpus
+    from flows.pipeline import corpus
 
     bucket = f"foresight-test-{uuid.uuid4().hex[:8]}"
     creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_ENDPOINT_URL": s3,

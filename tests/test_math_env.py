@@ -12,9 +12,10 @@ from foresight_core.agent import play_episode
 from foresight_core.config.corpus import ExpertNoiseConfig
 from foresight_core.config.envs import SandboxConfig
 from foresight_core.envs.base import Env
-from foresight_core.envs.math import (SEARCH_UNAVAILABLE_OBSERVATION, MathEnv, ScriptedMathExpert, _run_program,
-                                      format_number, load_gsm_symbolic_tasks, printed_number, slip,
-                                      solution_program, template_split, verify_answer)
+from foresight_core.envs.math import (SEARCH_UNAVAILABLE_OBSERVATION, MathEnv, format_number,
+                                      load_gsm_symbolic_tasks, run_program, solution_program, template_split,
+                                      verify_answer)
+from foresight_core.policies.math_expert import ScriptedMathExpert, printed_number, slip
 from foresight_core.envs.sandbox import bwrap_available
 from foresight_core.types import Action, Step, Task, Turn
 
@@ -101,7 +102,7 @@ def test_task_meta(train_tasks):
         assert t.env == "math" and t.question.endswith("Do not include units.")
         assert set(t.meta) >= {"template", "solution", "code", "answer", "guesses"}
         assert "####" in t.meta["solution"]
-        assert abs(_run_program(t.meta["code"]) - t.meta["answer"]) < 1e-6, t.meta["code"]
+        assert abs(run_program(t.meta["code"]) - t.meta["answer"]) < 1e-6, t.meta["code"]
         assert verify_answer(format_number(t.meta["answer"]), t.answers)
         assert not any(verify_answer(g, t.answers) for g in t.meta["guesses"])
 
@@ -136,7 +137,7 @@ def test_program_handles_units_currency_x_percent_and_floor():
     pct = ("The chance of rolling two odd numbers in a row is 50% * 50% = 25%.\n#### 25")
     code, _ = solution_program(pct, 25)  # (50/100) * (50/100) = 0.25; the question asks for 25 (percent)
     assert code == "step1 = (50 / 100) * (50 / 100)\nprint(round(step1 * 100, 6))"
-    assert _run_program(code) == 25.0
+    assert run_program(code) == 25.0
 
 
 def test_program_is_none_when_the_solution_does_not_compute():
@@ -148,14 +149,14 @@ def test_slip_changes_the_result():
     code = "step1 = 3 * 6\nstep2 = step1 + 2\nprint(round(step2, 6))"  # 3 * 6 + 2 = 20
     for seed in range(20):
         slipped = slip(code, random.Random(seed))
-        assert slipped != code and _run_program(slipped) != 20.0
+        assert slipped != code and run_program(slipped) != 20.0
 
 
 def test_only_plain_arithmetic_is_evaluated_in_process():
-    assert _run_program("x = 2 * (3 + 4)\nprint(round(x, 6))") == 14.0
-    assert _run_program("import os\nprint(os.getcwd())") is None  # not an assignment: not ours
-    assert _run_program("x = ().__class__\nprint(x)") is None  # attribute access is refused
-    assert _run_program("x = open('f')\nprint(x)") is None  # no builtins
+    assert run_program("x = 2 * (3 + 4)\nprint(round(x, 6))") == 14.0
+    assert run_program("import os\nprint(os.getcwd())") is None  # not an assignment: not ours
+    assert run_program("x = ().__class__\nprint(x)") is None  # attribute access is refused
+    assert run_program("x = open('f')\nprint(x)") is None  # no builtins
 
 
 @pytest.mark.parametrize("obs,expected", [("18\n", "18"), ("12.0", "12"), ("x\n14.960000000001", "14.96"),

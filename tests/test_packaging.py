@@ -24,12 +24,14 @@ def test_a_wheel_loads_presets_from_anywhere(tmp_path: Path) -> None:
     for preset in ("tiny", "laptop", "paper"):
         assert f"foresight_core/config/presets/{preset}.yaml" in names
     assert "foresight_core/config/ablations/paper_table.yaml" in names
+    sources = {str(f.relative_to(ROOT)) for top in ("foresight_core", "tasks", "flows") for f in (ROOT / top).rglob("*.py")}
+    assert sources - set(names) == set()  # every module of the three layers ships, under its folder's name
     # a pure-Python wheel installs by unpacking: put it first on the path, run from an unrelated directory
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    probe = ("import foresight_core, foresight_flows.cli as cli; "
+    probe = ("import foresight_core, flows.cli as cli; "
              "print(foresight_core.__file__); raise SystemExit(cli.main(['config', 'show', '--preset', 'laptop']))")
     env = {**os.environ, "PYTHONPATH": str(site)}
     run = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, env=env, capture_output=True, text=True,

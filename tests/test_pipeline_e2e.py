@@ -16,7 +16,7 @@ def test_tiny_pipeline_end_to_end_then_ablation(prefect_server, ray_local, tiny_
     import mlflow
 
     from foresight_core.config.ablation import load_ablation
-    from foresight_flows.pipeline import ablation, pipeline
+    from flows.pipeline import ablation, pipeline
 
     refs = pipeline(tiny_cfg)
     for stage in ("corpus", "wm_amt", "fe_sft", "fc_rl", "eval"):
@@ -48,8 +48,8 @@ def test_tiny_pipeline_end_to_end_then_ablation(prefect_server, ray_local, tiny_
     report_dir = client.download_artifacts(runs["eval"].info.run_id, "eval_report.json")
     assert set(json.loads(Path(report_dir).read_text())) == {"search_world", "gsm_symbolic"}
     # the end-of-run summary `foresight run` prints: one row per stage with its wall time, the final model
-    from foresight_flows import cli
-    from foresight_tasks.progress import clock
+    from flows import cli
+    from tasks.progress import clock
 
     assert {f"{s}.wall_s" for s in runs} <= set(client.get_run(parent).data.metrics)
     capsys.readouterr()

@@ -7,7 +7,7 @@ import io
 import json
 
 from foresight_core.tracking import PROGRESS_TAG, MemoryTracker, Progress
-from foresight_tasks.progress import (Display, RunWatcher, Status, clock, eta, merge_states, stage_status,
+from tasks.progress import (Display, RunWatcher, Status, clock, eta, merge_states, stage_status,
                                       stage_summary)
 
 

@@ -9,8 +9,8 @@ import pytest
 
 from foresight_core import provenance
 from foresight_core.config import load_config
-from foresight_tasks import evaluate, rl, train
-from foresight_tasks.stage import StageInput, StageSpec, stage_key
+from tasks import evaluate, rl, train
+from tasks.stage import StageInput, StageSpec, stage_key
 
 # the core modules each stage runs, as the adapters declare them in their specs
 STAGE_ENTRY = {"corpus": ("foresight_core.corpus",), "wm_amt": train.ENTRIES, "fe_sft": train.ENTRIES,
@@ -60,7 +60,7 @@ def test_config_sources_and_adapters_do_not_count(copy_roots) -> None:
     """A config's values are in every key already; the adapters move references."""
     before = versions(copy_roots)
     edit(copy_roots["foresight_core"] / "config" / "train.py")
-    edit(copy_roots["foresight_tasks"] / "train.py")
+    edit(copy_roots["tasks"] / "train.py")
     assert versions(copy_roots) == before
 
 

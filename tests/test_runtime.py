@@ -7,7 +7,7 @@ import os
 import pytest
 
 from foresight_core.config import load_config
-from foresight_tasks.runtime import cpus_per_worker
+from tasks.runtime import cpus_per_worker
 
 
 @pytest.mark.parametrize("workers, nodes, want", [

@@ -24,7 +24,6 @@ from foresight_core.envs.search import (
 )
 from foresight_core.envs.search_world import (
     QUESTION_TYPES,
-    ScriptedSearchExpert,
     generate_world,
     load_world,
     make_search_world_tasks,
@@ -32,6 +31,7 @@ from foresight_core.envs.search_world import (
     plan_progress,
 )
 from foresight_core.metrics import normalize_answer
+from foresight_core.policies.search_expert import ScriptedSearchExpert
 from foresight_core.types import Action, Step, Task, Turn
 
 PASSAGES = [

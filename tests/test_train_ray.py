@@ -59,8 +59,8 @@ def test_two_worker_stages_chain_through_mlflow_and_are_reused(tmp_path: Path, m
     from mlflow import MlflowClient
     from transformers import AutoModelForCausalLM
 
-    from foresight_tasks.tracking import start_run
-    from foresight_tasks.train import run_sft_stage
+    from tasks.tracking import start_run
+    from tasks.train import run_sft_stage
 
     corpus = write_corpus(tmp_path)
     cfg = load_config("tiny", overrides=overrides(tmp_path, mlflow_uri, **{"wm_amt.scaling.num_workers": 2}), env={})
@@ -108,7 +108,7 @@ def test_two_worker_stages_chain_through_mlflow_and_are_reused(tmp_path: Path, m
 DRIVER = """
 import json, sys
 from foresight_core.config import load_config
-from foresight_tasks.train import run_sft_stage
+from tasks.train import run_sft_stage
 cfg = load_config("tiny", overrides=json.loads(sys.argv[1]), env={})
 run_sft_stage("wm_amt", cfg, sys.argv[2])
 """
@@ -118,7 +118,7 @@ def test_a_stage_whose_driver_dies_resumes_from_its_last_checkpoint(tmp_path: Pa
     import ray
     from mlflow import MlflowClient
 
-    from foresight_tasks.train import run_sft_stage
+    from tasks.train import run_sft_stage
 
     corpus = write_corpus(tmp_path)
     over = overrides(tmp_path, mlflow_uri, **{"wm_amt.max_steps": 12, "wm_amt.eval_every": 12,

@@ -23,7 +23,7 @@ class ScalingConfig(StrictModel):
     """Ray FailureConfig: restarts from the last checkpoint before the stage fails."""
     cpus_per_worker: int | None = Field(default=None, ge=1)
     """CPUs Ray reserves for each worker, and its torch threads. None: the workers share the CPUs of the Ray
-    nodes (one worker on a 2-core laptop gets both; see ``foresight_tasks.runtime.cpus_per_worker``)."""
+    nodes (one worker on a 2-core laptop gets both; see ``tasks.runtime.cpus_per_worker``)."""
     malloc_tuning: bool = True
     """Set ``GLIBC_TUNABLES`` (no mmap, no trim) in the workers' environment: glibc then reuses freed
     activation memory instead of returning it to the OS every step (measured ~1.5x bf16 throughput on CPU)."""

@@ -29,8 +29,8 @@ adapter hands ``collect_items`` to Ray Data):
    ``<work_dir>/corpus/<corpus_key(cfg)>`` is complete.
 5. ``calibration.calibration_report(rows, cfg)``: ECE / Brier of the q labels against fresh rollouts.
 
-Rows. wm_amt / fe_sft hold ``{"kind": "trajectory", "split": "wm_amt" | "fe_sft", "annotated": bool,
-"trajectory": Trajectory.to_dict()}`` (``trajectory.meta``: item, rollout, seed, env, type, n_steps,
+Rows. wm_amt / fe_sft hold ``foresight_core.types.CorpusRow`` rows (the schema SFT reads too):
+``{"kind": "trajectory", "split": "wm_amt" | "fe_sft", "annotated": bool, "trajectory": Trajectory.to_dict()}`` (``trajectory.meta``: item, rollout, seed, env, type, n_steps,
 annotated_steps, q_labels = [{t, prefix, q, successes, rollouts}], mc_rollouts; plain copies add
 ``plain_copy``) and, in wm_amt, ``{"kind": "text", "split": "wm_amt", "text": ...}``; rl_tasks and
 eval/<benchmark> hold ``Task.to_dict()`` rows.

@@ -8,7 +8,7 @@ from typing import Any
 
 from foresight_core.config.pipeline import PipelineConfig
 from foresight_core.corpus.collect import Rollouts, state_key
-from foresight_core.types import Trajectory
+from foresight_core.types import CorpusRow
 
 N_BINS = 10  # equal-width bins of the q labels' histogram and calibration
 
@@ -24,9 +24,10 @@ def calibration_pairs(rows: Iterable[dict[str, Any]], cfg: PipelineConfig, fresh
     seen: set[str] = set()
     pairs: list[dict[str, Any]] = []
     for row in rows:
-        if row.get("kind") != "trajectory":
+        parsed = CorpusRow.from_dict(row)
+        if parsed.trajectory is None:
             continue
-        traj = Trajectory.from_dict(row["trajectory"])
+        traj = parsed.trajectory
         for lab in traj.meta.get("q_labels", []):
             prefix = traj.steps[:lab["prefix"]]
             key = state_key(traj.task, prefix)

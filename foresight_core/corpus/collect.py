@@ -20,7 +20,7 @@ from foresight_core.corpus.annotate import annotate_step
 from foresight_core.envs import env_for_task
 from foresight_core.envs.base import Env
 from foresight_core.policies import LLMPolicy, Policy, expert_for
-from foresight_core.types import Action, Step, StepResult, Task, Trajectory, Turn
+from foresight_core.types import Action, CorpusRow, Step, StepResult, Task, Trajectory, Turn
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,11 +202,11 @@ def collect_item(item: dict[str, Any], ro: Rollouts) -> list[dict[str, Any]]:
             "rollout": item["rollout"], "seed": seed, "env": task.env, "type": task.meta.get("type"),
             "n_steps": n, "annotated_steps": chosen, "q_labels": labels, "mc_rollouts": c.mc_rollouts}
     annotated = dataclasses.replace(traj, steps=steps, meta=meta)
-    rows = [{"kind": "trajectory", "split": "fe_sft" if fe_sft else "wm_amt", "annotated": bool(chosen),
-             "trajectory": annotated.to_dict()}]
+    rows = [CorpusRow("trajectory", "fe_sft" if fe_sft else "wm_amt", annotated=bool(chosen),
+                      trajectory=annotated).to_dict()]
     if not fe_sft and chosen and _uniform("plain", seed) < c.plain_share:
         plain = dataclasses.replace(traj, meta={**meta, "annotated_steps": [], "q_labels": [], "plain_copy": True})
-        rows.append({"kind": "trajectory", "split": "wm_amt", "annotated": False, "trajectory": plain.to_dict()})
+        rows.append(CorpusRow("trajectory", "wm_amt", annotated=False, trajectory=plain).to_dict())
     return rows
 
 

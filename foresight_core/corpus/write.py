@@ -15,7 +15,7 @@ from foresight_core.corpus.key import code_version, corpus_key
 from foresight_core.corpus.plan import CorpusPlan
 from foresight_core.format import render_wm
 from foresight_core.storage import DatasetWriter, join_uri, read_rows
-from foresight_core.types import Trajectory, WorldModelBlock
+from foresight_core.types import CorpusRow
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,7 +47,7 @@ class Manifest:
         return read_rows(self.dataset_uri(name), storage)
 
 
-def general_text_rows(cfg: PipelineConfig) -> list[dict[str, Any]]:
+def general_text_rows(cfg: PipelineConfig) -> list[CorpusRow]:
     """Plain text for WM-AMT against forgetting: the training world's passages or wiki summaries."""
     from foresight_core.envs.search import split_contents
     c = cfg.corpus
@@ -64,7 +64,7 @@ def general_text_rows(cfg: PipelineConfig) -> list[dict[str, Any]]:
     rows = []
     for p in passages[:c.general_text_max_rows]:
         title, text = split_contents(p["contents"])
-        rows.append({"kind": "text", "split": "wm_amt", "text": f"{title}\n{text}" if title else text})
+        rows.append(CorpusRow("text", "wm_amt", text=f"{title}\n{text}" if title else text))
     return rows
 
 
@@ -79,11 +79,11 @@ def _token_counter(cfg: PipelineConfig) -> tuple[Callable[[list[str]], list[int]
         f"tokens ({type(tok).__name__} of model.source={cfg.model.source})"
 
 
-def row_text(row: dict[str, Any]) -> str:
+def row_text(row: CorpusRow) -> str:
     """The text a row trains on: a trajectory as ChatML-like chat text, or the general text."""
-    if row["kind"] == "text":
-        return row["text"]
-    msgs = trajectory_messages(Trajectory.from_dict(row["trajectory"]))
+    if row.trajectory is None:
+        return row.text or ""
+    msgs = trajectory_messages(row.trajectory)
     return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs)
 
 
@@ -96,26 +96,25 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
             "std": (sum((v - mean) ** 2 for v in vs) / len(vs)) ** 0.5}
 
 
-def corpus_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def corpus_summary(rows: list[CorpusRow]) -> dict[str, Any]:
     """Counts, success rates and q-label statistics of collected trajectory rows (plain copies excluded)."""
-    trajs = [r["trajectory"] for r in rows
-             if r["kind"] == "trajectory" and not r["trajectory"]["meta"].get("plain_copy")]
+    trajs = [r.trajectory for r in rows if r.trajectory is not None and not r.plain_copy]
     by_env: dict[str, list[bool]] = {}
     for tr in trajs:
-        by_env.setdefault(tr["task"]["env"], []).append(tr["success"])
-    qs = [lab["q"] for tr in trajs for lab in tr["meta"]["q_labels"]]
+        by_env.setdefault(tr.task.env, []).append(tr.success)
+    qs = [lab["q"] for tr in trajs for lab in tr.meta["q_labels"]]
     hist = [0] * N_BINS
     for q in qs:
         hist[min(int(q * N_BINS), N_BINS - 1)] += 1
-    n_succ = sum(tr["success"] for tr in trajs)
+    n_succ = sum(tr.success for tr in trajs)
     return {
         "trajectories": len(trajs), "successes": n_succ, "failures": len(trajs) - n_succ,
         "success_rate": n_succ / len(trajs) if trajs else None,
         "success_rate_by_env": {e: sum(v) / len(v) for e, v in sorted(by_env.items())},
-        "annotated_trajectories": sum(bool(tr["meta"]["annotated_steps"]) for tr in trajs),
-        "annotated_steps": sum(len(tr["meta"]["annotated_steps"]) for tr in trajs),
-        "steps": sum(len(tr["steps"]) for tr in trajs),
-        "invalid_turns": sum("invalid_turn" in tr["meta"] for tr in trajs),
+        "annotated_trajectories": sum(bool(tr.meta["annotated_steps"]) for tr in trajs),
+        "annotated_steps": sum(len(tr.meta["annotated_steps"]) for tr in trajs),
+        "steps": sum(len(tr.steps) for tr in trajs),
+        "invalid_turns": sum("invalid_turn" in tr.meta for tr in trajs),
         "q_labels": {**_stats(qs), "histogram": hist,
                      "share_q0": (sum(q == 0 for q in qs) / len(qs)) if qs else None,
                      "share_q1": (sum(q == 1 for q in qs) / len(qs)) if qs else None},
@@ -124,38 +123,44 @@ def corpus_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def write_corpus(rows: list[dict[str, Any]], plan: CorpusPlan, cfg: PipelineConfig, out_uri: str,
                  timing: dict[str, Any] | None = None) -> Manifest:
-    """Write every dataset under ``out_uri`` and manifest.json last; returns the manifest."""
+    """Write every dataset under ``out_uri`` and manifest.json last; returns the manifest.
+
+    ``rows``: the collected trajectory rows as ``collect_items`` returns them (``CorpusRow.to_dict()``)."""
     ext = cfg.corpus.format
-    rows = sorted(rows, key=lambda r: r["trajectory"]["meta"]["item"])  # stable: an item's rows keep their order
+    parsed = [CorpusRow.from_dict(r) for r in rows]
+    parsed.sort(key=lambda r: r.trajectory.meta["item"] if r.trajectory else -1)  # stable: an item's rows keep order
+    corpus: dict[str, list[CorpusRow]] = {
+        "wm_amt": [r for r in parsed if r.split == "wm_amt"] + general_text_rows(cfg),
+        "fe_sft": [r for r in parsed if r.split == "fe_sft"],
+    }
     datasets: dict[str, list[dict[str, Any]]] = {
-        "wm_amt": [r for r in rows if r["split"] == "wm_amt"] + general_text_rows(cfg),
-        "fe_sft": [r for r in rows if r["split"] == "fe_sft"],
+        **{name: [r.to_dict() for r in rs] for name, rs in corpus.items()},
         "rl_tasks": [t.to_dict() for t in plan.rl_tasks],
         **{f"eval/{name}": [t.to_dict() for t in tasks] for name, tasks in plan.eval_sets.items()},
     }
     count_tokens, unit = _token_counter(cfg)
     token_stats: dict[str, Any] = {"unit": unit}
     row_tokens: dict[int, int] = {}
-    for name in ("wm_amt", "fe_sft"):
-        counts = count_tokens([row_text(r) for r in datasets[name]]) if datasets[name] else []
+    for name, rs in corpus.items():
+        counts = count_tokens([row_text(r) for r in rs]) if rs else []
         token_stats[name] = {**_stats(counts), "total": sum(counts)}
-        row_tokens.update((id(r), n) for r, n in zip(datasets[name], counts))
+        row_tokens.update((id(r), n) for r, n in zip(rs, counts))
     # the token overhead of foresight: world-model blocks / all tokens of annotated trajectories
-    annotated = [r for r in rows if r["annotated"]]
-    wm_texts = [wm_text(s) for r in annotated for s in r["trajectory"]["steps"] if s["turn"]["wm"]]
+    annotated = [r for r in parsed if r.annotated and r.trajectory is not None]
+    wm_texts = [render_wm(s.turn.wm) for r in annotated for s in r.trajectory.steps if s.turn.wm]
     wm_tokens = sum(count_tokens(wm_texts)) if wm_texts else 0
     traj_tokens = sum(row_tokens[id(r)] for r in annotated)
     token_stats["wm_share_of_annotated_tokens"] = wm_tokens / traj_tokens if traj_tokens else None
 
-    summary = corpus_summary(rows)
+    summary = corpus_summary(parsed)
     manifest = {
         "stage": "corpus", "key": corpus_key(cfg), "code_version": code_version(),
         "config": cfg.model_dump(mode="json"),  # SecretStr fields dump as "**********"
         "format": ext, "created_unix": time.time(), "timing": timing or {},
         "datasets": {name: {"file": f"{name}.{ext}", "rows": len(rs)} for name, rs in datasets.items()},
         "counts": {**{name: len(rs) for name, rs in datasets.items()}, "items": len(plan.items),
-                   "text_rows": sum(r["kind"] == "text" for r in datasets["wm_amt"]),
-                   "plain_rows": sum(r["kind"] == "trajectory" and not r["annotated"] for r in datasets["wm_amt"])},
+                   "text_rows": sum(r.kind == "text" for r in corpus["wm_amt"]),
+                   "plain_rows": sum(r.kind == "trajectory" and not r.annotated for r in corpus["wm_amt"])},
         **summary,
         "token_stats": token_stats,
         "load_reports": plan.load_reports,
@@ -166,7 +171,3 @@ def write_corpus(rows: list[dict[str, Any]], plan: CorpusPlan, cfg: PipelineConf
         data = w.commit(manifest)
     return Manifest(uri=out_uri, data=data)
 
-
-def wm_text(step: dict[str, Any]) -> str:
-    """The rendered world-model block of a stored step (for the token overhead of foresight)."""
-    return render_wm(WorldModelBlock(**step["turn"]["wm"]))

@@ -4,7 +4,8 @@
     policy = LLMPolicy.from_config(cfg.corpus.llm)       # any Hugging Face causal LM, prompted in the format
     turn = policy.act(task, history, rng)                # history: the steps so far, with observations
 
-A policy's decisions depend only on ``(task, history, rng)``. That is what makes Monte Carlo
+The scripted experts live beside this module (``search_expert``, ``math_expert``); each follows
+the gold plan its environment puts in ``task.meta``. A policy's decisions depend only on ``(task, history, rng)``. That is what makes Monte Carlo
 q labels valid: re-rolling the policy from any prefix of a trajectory samples the same
 distribution of futures the recorded trajectory came from. Behaviour turns carry ``wm=None``;
 the hindsight annotator (``foresight_core.corpus``) adds z_t afterwards.
@@ -42,10 +43,10 @@ class InvalidTurn(Turn):
 def expert_for(task: Task, noise: ExpertNoiseConfig) -> Policy:
     """The scripted noisy expert of the task's environment (it follows ``task.meta``'s gold plan)."""
     if task.env == "search":
-        from foresight_core.envs.search_world import ScriptedSearchExpert
+        from foresight_core.policies.search_expert import ScriptedSearchExpert
         return ScriptedSearchExpert(noise)
     if task.env == "math":
-        from foresight_core.envs.math import ScriptedMathExpert
+        from foresight_core.policies.math_expert import ScriptedMathExpert
         return ScriptedMathExpert(noise)
     raise ValueError(f"task {task.id}: no scripted expert for environment {task.env!r} (use behaviour: llm)")
 
