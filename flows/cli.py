@@ -226,15 +226,26 @@ def summary_text(name: str, refs: Mapping[str, str], metrics: Mapping[str, Mappi
 
 
 def _serve(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    from foresight_core.config import parse_override
     from flows.pipeline import make_deployments
 
-    deployments = make_deployments(cfg, cron=args.cron, timezone=args.timezone)
+    if args.config:  # a config file: the whole config is the deployments' parameter (credentials masked)
+        deployments = make_deployments(cfg=cfg, cron=args.cron, timezone=args.timezone)
+    else:  # a preset and overrides: what a run through the API would send
+        overrides = dict(parse_override(item) for item in args.overrides)
+        deployments = make_deployments(args.preset or "laptop", overrides, cron=args.cron, timezone=args.timezone)
     for d in deployments:
         print(f"deployment {d.flow_name}/{d.name}: schedules={[s.schedule for s in d.schedules]}")
-    if not args.dry_run:
-        from prefect import serve
+    if args.dry_run:
+        return 0
+    if not cfg.infra.prefect.api_url:
+        return _fail("foresight serve needs a Prefect server: Prefect's ephemeral server, the default without "
+                     "one, runs no scheduler, so the retraining schedule would never fire. Start one "
+                     "(`prefect server start`) and set PREFECT_API_URL=http://127.0.0.1:4200/api "
+                     "(or infra.prefect.api_url); --dry-run prints the deployments without serving")
+    from prefect import serve
 
-        serve(*deployments)
+    serve(*deployments)
     return 0
 
 
@@ -281,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     cfg = cfg.model_copy(update={"stages": stages_for(args.command, cfg)})
-    refs = flows.build_corpus(cfg) if args.command == "corpus" else flows.pipeline(cfg)
+    refs = flows.build_corpus(cfg=cfg) if args.command == "corpus" else flows.pipeline(cfg=cfg)
     _summary(cfg, refs)
     return 0
 

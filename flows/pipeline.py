@@ -1,14 +1,19 @@
-"""The Prefect flows: ``build_corpus`` (stage 0) and ``pipeline`` (the whole DAG).
+"""The Prefect flows: ``build_corpus`` (stage 0), ``pipeline`` (the whole DAG) and ``retrain`` (the
+pipeline on a fresh data version, what the schedule runs).
 
-    from flows.pipeline import build_corpus, pipeline
-    refs = pipeline(load_config("tiny"))
-    # {"pipeline.run_id": ..., "corpus.manifest_uri": ..., "corpus.run_id": ..., "wm_amt.model_uri": ...}
+    from flows.pipeline import build_corpus, pipeline, retrain
+    refs = pipeline(preset="tiny", overrides={"fc_rl.max_steps": 2})
+    refs = pipeline(cfg=load_config("tiny"))
+    # {"pipeline.run_id": ..., "corpus.manifest_uri": ..., "wm_amt.model_uri": ..., "registry.version": ...}
 
-Each flow's one parameter is ``PipelineConfig``: the Prefect UI builds its form from it,
-deployments store it, and the flow validates it again when it starts (the cross-field checks a
-UI form cannot run). Credentials never travel in flow parameters: a deployment stores them
-masked, and a masked, empty or default infra field is filled from the environment of the
-process running the flow (``revalidate``).
+Parameters, the same for every flow (``flow_config``): ``preset`` (a preset name, default laptop) plus
+``overrides`` (dotted paths to values, ``{"fc_rl.max_steps": 2}``), or ``cfg``, a whole
+``PipelineConfig`` (the Prefect UI builds its typed form from it). Another system starting a run
+through the API sends a preset and overrides, never a whole config: Prefect merges a run's parameters
+into the deployment's one level deep, so a partial ``cfg`` would replace the deployment's. The flow
+validates the result when it starts (the cross-field checks a UI form cannot run). Credentials never
+travel in flow parameters: a deployment stores them masked, and infrastructure (MLflow, Ray, S3, the
+work dir) comes from the environment of the process running the flow (``revalidate``).
 
 The DAG lives here and only here. Every stage is a Prefect task below with one signature,
 ``stage(cfg, refs, parent_run_id) -> new refs``, and each wraps one adapter of ``tasks``
@@ -38,7 +43,7 @@ from prefect.schedules import Cron
 
 from foresight_core.config import PipelineConfig
 from foresight_core.config.ablation import AblationConfig
-from foresight_core.config.load import ENV_OVERRIDES, set_path, validate
+from foresight_core.config.load import ENV_OVERRIDES, ConfigError, load_config, set_path, validate
 from foresight_core.storage import is_local_uri, local_path
 from tasks.runtime import setup_env
 from tasks.tracking import MASK, config_yaml, flatten, mask_text, mlflow_run
@@ -59,12 +64,7 @@ def revalidate(cfg: PipelineConfig | Mapping[str, Any], environ: Mapping[str, st
     A local work dir becomes absolute, so the references the stages record do not depend on
     the directory the flow ran in.
     """
-    data = cfg.model_dump(mode="json") if isinstance(cfg, PipelineConfig) else copy.deepcopy(dict(cfg))
-    if isinstance(cfg, PipelineConfig):  # the JSON dump masked the secrets: put the real ones back
-        storage = cfg.infra.storage
-        for name in ("key", "secret"):
-            value = getattr(storage, name)
-            data["infra"]["storage"][name] = value.get_secret_value() if value is not None else None
+    data = _with_secrets(cfg) if isinstance(cfg, PipelineConfig) else copy.deepcopy(dict(cfg))
     defaults = PipelineConfig().model_dump(mode="json")
     for var, dotted in ENV_OVERRIDES.items():
         value, default = _get(data, dotted), _get(defaults, dotted)
@@ -77,6 +77,38 @@ def revalidate(cfg: PipelineConfig | Mapping[str, Any], environ: Mapping[str, st
     if is_local_uri(work_dir):  # references recorded by the stages must not depend on the cwd
         data["work_dir"] = str(local_path(work_dir))
     return validate(data, "flow parameter cfg")
+
+
+def flow_config(preset: str | None = None, overrides: Mapping[str, Any] | None = None,
+                cfg: PipelineConfig | Mapping[str, Any] | None = None,
+                environ: Mapping[str, str] = os.environ) -> PipelineConfig:
+    """The config of a flow run from its parameters: ``cfg`` (a whole config) or ``preset`` (default
+    laptop, with the environment's infrastructure), then every ``overrides`` path. Raises ``ConfigError``
+    naming the parameter or path, before any work."""
+    if cfg is not None and preset:
+        raise ConfigError(f"flow parameters: give preset ({preset!r}) or cfg, not both")
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise ConfigError(f"flow parameter overrides: expected a mapping of dotted paths to values, "
+                          f"got {type(overrides).__name__}")
+    base = revalidate(cfg, environ) if cfg is not None else load_config(preset or "laptop", env=dict(environ))
+    if not overrides:
+        return revalidate(base, environ) if cfg is None else base
+    data = _with_secrets(base)
+    for dotted, value in overrides.items():
+        if not isinstance(dotted, str) or not dotted or dotted.startswith(".") or dotted.endswith("."):
+            raise ConfigError(f"flow parameter overrides: {dotted!r} is not a dotted config path (e.g. fc_rl.max_steps)")
+        set_path(data, dotted, value)
+    return revalidate(validate(data, f"flow parameter overrides {sorted(overrides)}"), environ)
+
+
+def _with_secrets(cfg: PipelineConfig) -> dict[str, Any]:
+    """``cfg`` as JSON data with its real credentials (the JSON dump masks them)."""
+    data = cfg.model_dump(mode="json")
+    storage = cfg.infra.storage
+    for name in ("key", "secret"):
+        value = getattr(storage, name)
+        data["infra"]["storage"][name] = value.get_secret_value() if value is not None else None
+    return data
 
 
 def _get(data: Any, dotted: str) -> Any:
@@ -173,8 +205,33 @@ def evaluate(cfg: PipelineConfig, refs: dict[str, str], parent_run_id: str | Non
 STAGE_TASKS: dict[str, Any] = {"corpus": corpus, "wm_amt": wm_amt, "fe_sft": fe_sft, "fc_rl": fc_rl, "eval": evaluate}
 
 
-def _run_stages(cfg: PipelineConfig, stages: list[str], run_name: str,
-                parent_run_id: str | None = None, extra_tags: dict[str, str] | None = None) -> dict[str, str]:
+def lineage(cfg: PipelineConfig, refs: Mapping[str, str]) -> dict[str, str]:
+    """What a registered model version records of where it came from (tags)."""
+    out = {"foresight.config": cfg.name, "foresight.data_version": cfg.corpus.data_version or "-",
+           "foresight.pipeline_run_id": refs.get("pipeline.run_id", ""), "prefect.flow_run_id": str(flow_run.id)}
+    for k in ("corpus.key", "corpus.uri", "wm_amt.run_id", "fe_sft.run_id", "fc_rl.run_id", "eval.run_id"):
+        if refs.get(k):
+            out[f"foresight.{k}"] = refs[k]
+    return out
+
+
+@task(name="register", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def register(cfg: PipelineConfig, refs: dict[str, str], parent_run_id: str | None) -> dict[str, str]:
+    """After eval: the evaluated model (the newest this run trained) becomes a registered version with its
+    lineage; the champion alias moves to it only when it beats the champion on the same held-out tasks."""
+    from tasks.registry import register_and_promote
+
+    model_uri = starting_model("eval", refs)
+    if not model_uri or not refs.get("eval.run_id"):
+        return {}
+    out = register_and_promote(cfg, model_uri, refs["eval.run_id"], lineage(cfg, refs))
+    get_run_logger().info("registry: %s version %s %s: %s", out["registry.model_name"], out["registry.version"],
+                          "promoted" if out["registry.promoted"] == "true" else "not promoted", out["registry.reason"])
+    return out
+
+
+def _run_stages(cfg: PipelineConfig, stages: list[str], run_name: str, parent_run_id: str | None = None,
+                extra_tags: dict[str, str] | None = None, register_model: bool = True) -> dict[str, str]:
     logger = get_run_logger()
     setup_env(cfg)  # Ray and MLflow defaults for a flow started by a worker rather than the CLI
     runnable: list[str] = []
@@ -195,24 +252,71 @@ def _run_stages(cfg: PipelineConfig, stages: list[str], run_name: str,
             wall_s = time.perf_counter() - t0  # the whole task: reuse checks, Ray start-up, uploads included
             refs[f"{stage}.wall_s"] = f"{wall_s:.1f}"
             parent.log_metrics({f"{stage}.wall_s": wall_s})
+        if "eval" in runnable and cfg.registry.enabled and register_model:
+            refs.update(register(cfg, dict(refs), parent.run_id))
+            if refs.get("registry.version"):
+                parent.set_tags({"foresight.registry.version": refs["registry.version"],
+                                 "foresight.registry.promoted": refs["registry.promoted"]})
         parent.log_dict(refs, "refs.json")
     return refs
 
 
 @flow(name="build_corpus", log_prints=True)
-def build_corpus(cfg: PipelineConfig) -> dict[str, str]:
+def build_corpus(preset: str | None = None, overrides: dict[str, Any] | None = None,
+                 cfg: PipelineConfig | None = None) -> dict[str, str]:
     """Stage 0: play the environments with the behaviour policy on Ray Data, annotate z_t and q_t in
-    hindsight, write the WM-AMT / FE-SFT / RL / eval datasets with a manifest, record all in MLflow."""
-    cfg = revalidate(cfg)
-    return _run_stages(cfg, ["corpus"], run_name=f"{cfg.name}-build_corpus")
+    hindsight, write the WM-AMT / FE-SFT / RL / eval datasets with a manifest, record all in MLflow.
+
+    Args:
+        preset: A preset name (tiny, laptop, paper); default laptop. Not with ``cfg``.
+        overrides: Dotted config paths to values, applied last, e.g. {"corpus.n_train_tasks": 50}.
+        cfg: A whole pipeline config instead of a preset (the typed form).
+    """
+    config = flow_config(preset, overrides, cfg)
+    return _run_stages(config, ["corpus"], run_name=f"{config.name}-build_corpus")
 
 
 @flow(name="pipeline", log_prints=True)
-def pipeline(cfg: PipelineConfig) -> dict[str, str]:
+def pipeline(preset: str | None = None, overrides: dict[str, Any] | None = None,
+             cfg: PipelineConfig | None = None) -> dict[str, str]:
     """The whole method: corpus -> WM-AMT -> FE-SFT -> FC-RL -> eval (the stages in ``cfg.stages``),
-    each stage reusing its finished output, all in one MLflow parent run."""
-    cfg = revalidate(cfg)
-    return _run_stages(cfg, list(cfg.stages), run_name=f"{cfg.name}-pipeline")
+    each stage reusing its finished output, all in one MLflow parent run; then the evaluated model is
+    registered, and promoted to champion when it beats the current one.
+
+    Args:
+        preset: A preset name (tiny, laptop, paper); default laptop. Not with ``cfg``.
+        overrides: Dotted config paths to values, applied last, e.g. {"fc_rl.max_steps": 2}.
+        cfg: A whole pipeline config instead of a preset (the typed form).
+    """
+    config = flow_config(preset, overrides, cfg)
+    return _run_stages(config, list(config.stages), run_name=f"{config.name}-pipeline")
+
+
+def scheduled_date() -> str:
+    """The date this flow run was scheduled for (a run started by hand: the day it started), ISO."""
+    when = flow_run.scheduled_start_time
+    return when.date().isoformat()
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(preset: str | None = None, overrides: dict[str, Any] | None = None,
+            cfg: PipelineConfig | None = None, data_version: str | None = None) -> dict[str, str]:
+    """Retraining: the pipeline on a fresh corpus (``corpus.data_version``), evaluated on the same held-out
+    sets, then registered; the champion moves only when the new model beats it.
+
+    Args:
+        preset: A preset name (tiny, laptop, paper); default laptop. Not with ``cfg``.
+        overrides: Dotted config paths to values, applied last, e.g. {"fc_rl.max_steps": 2}.
+        cfg: A whole pipeline config instead of a preset (the typed form).
+        data_version: The training data's version; default: the date the run was scheduled for.
+    """
+    config = flow_config(preset, overrides, cfg)
+    version = data_version or scheduled_date()
+    config = config.model_copy(update={"corpus": config.corpus.model_copy(update={"data_version": version})})
+    config = revalidate(config)
+    get_run_logger().info("retrain %s on data version %s", config.name, version)
+    return _run_stages(config, list(config.stages), run_name=f"{config.name}-retrain-{version}",
+                       extra_tags={"foresight.data_version": version})
 
 
 # the metrics of an eval run that make the ablation table's columns
@@ -237,7 +341,8 @@ def ablation(cfg: PipelineConfig, table: AblationConfig) -> dict[str, Any]:
         for variant, vcfg in variants:
             logger.info("variant %s (%s)", variant.name, variant.paper_row)
             refs = _run_stages(vcfg, list(variant.stages), run_name=f"{vcfg.name}-pipeline",
-                               parent_run_id=parent.run_id, extra_tags={"foresight.variant": variant.name})
+                               parent_run_id=parent.run_id, extra_tags={"foresight.variant": variant.name},
+                               register_model=False)  # variants are evidence, not candidates for champion
             row: dict[str, Any] = {"variant": variant.name, "paper_row": variant.paper_row}
             if refs.get("eval.run_id"):
                 row.update(ablation_columns(run_metrics(cfg, refs["eval.run_id"])))
@@ -268,24 +373,39 @@ def table_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def make_deployments(cfg: PipelineConfig, cron: str = "0 3 * * 0", timezone: str = "UTC") -> list[Any]:
-    """``pipeline`` on a retraining schedule and ``build_corpus`` on demand, for ``prefect.serve``.
+def make_deployments(preset: str | None = None, overrides: Mapping[str, Any] | None = None,
+                     cfg: PipelineConfig | None = None, cron: str = "0 3 * * 0",
+                     timezone: str = "UTC") -> list[Any]:
+    """``retrain`` on a schedule, ``pipeline`` and ``build_corpus`` on demand, for ``prefect.serve``.
 
-    Parameters are stored in JSON mode, so credentials are masked there; the serving process
-    fills them from its environment when a run starts (``revalidate``).
+    Parameters are a preset and overrides (what ``foresight serve --preset ... --set ...`` was given);
+    a whole ``cfg`` (``--config``) is stored in JSON mode, so credentials are masked there and the serving
+    process fills them from its environment when a run starts (``revalidate``). Each deployment runs one
+    flow run at a time; another one waits in the queue (``concurrency_limit``).
     """
-    data = cfg.model_dump(mode="json")  # SecretStr -> "**********"
-    for section in data["infra"].values():
-        for field, value in section.items():
-            if isinstance(value, str) and mask_text(value) != value:
-                section[field] = MASK  # a URI with a password: the serving process's environment supplies it
-    params = {"cfg": data}
-    tags = ["foresight", cfg.name]
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+    if cfg is not None:
+        data = cfg.model_dump(mode="json")  # SecretStr -> "**********"
+        for section in data["infra"].values():
+            for field, value in section.items():
+                if isinstance(value, str) and mask_text(value) != value:
+                    section[field] = MASK  # a URI with a password: the serving process's environment supplies it
+        params: dict[str, Any] = {"cfg": data}
+        name = cfg.name
+    else:
+        params = {"preset": preset or "laptop", "overrides": dict(overrides or {})}
+        name = flow_config(preset, overrides).name
+    tags = ["foresight", name]
+    one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
+    common = {"parameters": params, "tags": tags, "entrypoint_type": EntrypointType.MODULE_PATH,
+              "concurrency_limit": one_at_a_time}
     return [
-        pipeline.to_deployment(name=f"{cfg.name}-retrain", schedule=Cron(cron, timezone=timezone),
-                               parameters=params, tags=tags, entrypoint_type=EntrypointType.MODULE_PATH,
-                               description=f"The {cfg.name} pipeline, retrained on a schedule ({cron} {timezone})."),
-        build_corpus.to_deployment(name=f"{cfg.name}-corpus", parameters=params, tags=tags,
-                                   entrypoint_type=EntrypointType.MODULE_PATH,
-                                   description=f"The {cfg.name} corpus, built on demand."),
+        retrain.to_deployment(name=f"{name}-retrain", schedule=Cron(cron, timezone=timezone), **common,
+                              description=f"The {name} pipeline retrained on a fresh data version (the scheduled "
+                                          f"date), {cron} {timezone}; the champion moves only when beaten."),
+        pipeline.to_deployment(name=f"{name}-pipeline", **common,
+                               description=f"The {name} pipeline on demand (finished stages are reused)."),
+        build_corpus.to_deployment(name=f"{name}-corpus", **common,
+                                   description=f"The {name} corpus, built on demand."),
     ]

@@ -20,6 +20,7 @@ from typing import Any
 from foresight_core.chat import trajectory_messages
 from foresight_core.config import PipelineConfig
 from foresight_core.corpus import Manifest, build_corpus, collect_items, corpus_key, corpus_uri
+from foresight_core.envs.sandbox import SandboxError
 from foresight_core.storage import MANIFEST, join_uri, load_manifest
 from foresight_core.types import Trajectory
 from tasks.runtime import init_ray, ray_map
@@ -104,7 +105,12 @@ def run_corpus_stage(cfg: PipelineConfig, parent_run_id: str | None = None) -> d
     tags = {"foresight.corpus.key": key, "foresight.corpus.uri": out_uri}
     with mlflow_run(cfg, f"corpus-{key[:8]}", stage="corpus", parent_run_id=parent_run_id, tags=tags) as run:
         run.log_params(stage_params(cfg, "seed", "envs", "corpus"))
-        manifest = build_corpus(cfg, out_uri=out_uri, map_fn=ray_collect(progress=True))
+        try:
+            manifest = build_corpus(cfg, out_uri=out_uri, map_fn=ray_collect(progress=True))
+        except SandboxError as e:  # on a Ray worker: say it in one line, not as a worker traceback
+            cause = getattr(e, "cause", None) or e
+            raise SandboxError(f"corpus stage: the maths environment's python tool could not run on a Ray "
+                               f"worker: {cause}") from None
         run.set_tags({"foresight.reused": str(manifest.reused).lower(),
                       "foresight.corpus.manifest_uri": join_uri(manifest.uri, MANIFEST)})
         log_manifest(run, manifest, cfg)

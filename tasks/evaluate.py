@@ -30,6 +30,7 @@ from typing import Any
 from foresight_core.capability import held_out_task_uris
 from foresight_core.config import PipelineConfig
 from foresight_core.evaluation import flat_metrics, modes, summarise
+from foresight_core.promotion import task_scores
 from foresight_core.storage import sha256_file
 from foresight_core.tracking import PROGRESS_TAG, Progress
 from tasks.progress import watch_stage
@@ -41,7 +42,10 @@ from tasks.train import StageInputError, local_model_dir
 
 STAGE = "eval"
 # the science evaluation runs (the agent loop and scoring, the environments, the model loader, the GPU engine)
-ENTRIES = ("foresight_core.evaluation", "foresight_core.envs", "foresight_core.models", "foresight_core.vllm_engine")
+ENTRIES = ("foresight_core.evaluation", "foresight_core.promotion", "foresight_core.envs", "foresight_core.models",
+           "foresight_core.vllm_engine")
+TASK_SCORES = "eval_task_scores.json"
+"""Artifact of every eval run: ``{mode: {"<benchmark>/<task id>": mean score}}``, what promotion pairs."""
 
 
 class EvalWorker:
@@ -161,6 +165,7 @@ def run_eval_stage(cfg: PipelineConfig, model_uri: str | None, corpus_uri: str,
         metrics = flat_metrics(report)
         tracker.log_metrics({**metrics, "compute_s": compute_s})
         tracker.log_dict(report, "eval_report.json")
+        tracker.log_dict({mode: task_scores(records, mode) for mode in modes(cfg.eval)}, TASK_SCORES)
         sample = [r for name in sets for r in records if r["benchmark"] == name][:cfg.eval.sample_rows * len(sets)]
         if sample:
             tracker.log_table([{k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in r.items()}

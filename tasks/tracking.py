@@ -121,6 +121,11 @@ def _client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri)
 
 
+def mlflow_client(cfg: PipelineConfig) -> Any:
+    """An MLflow client on the configured tracking URI (the registry's too)."""
+    return _client(tracking_uri(cfg))
+
+
 def experiment_id(cfg: PipelineConfig, uri: str | None = None) -> str:
     """Id of ``infra.tracking.experiment``, created on first use."""
     uri = uri or tracking_uri(cfg)

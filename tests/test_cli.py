@@ -118,8 +118,15 @@ def test_every_stage_has_its_prefect_task_in_the_flow() -> None:
 def test_serve_dry_run(capsys) -> None:
     assert cli.main(["serve", "--preset", "tiny", "--cron", "15 4 * * *", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "deployment pipeline/tiny-retrain" in out and "15 4 * * *" in out
-    assert "deployment build_corpus/tiny-corpus" in out
+    assert "deployment retrain/tiny-retrain" in out and "15 4 * * *" in out
+    assert "deployment pipeline/tiny-pipeline" in out and "deployment build_corpus/tiny-corpus" in out
+
+
+def test_serve_without_a_prefect_server_refuses(capsys, monkeypatch) -> None:
+    """Prefect's ephemeral server runs no scheduler: serving there would never fire the schedule."""
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert cli.main(["serve", "--preset", "tiny"]) == 2
+    assert "needs a Prefect server" in capsys.readouterr().err
 
 
 def test_summary_table_from_refs_and_metrics() -> None:

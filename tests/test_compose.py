@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from foresight_core.config import PipelineConfig, load_config
+from foresight_core.config import load_config
 from foresight_core.config.load import ENV_OVERRIDES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,8 +134,13 @@ def test_prefect_yaml_deployments(deployment: dict) -> None:
     assert (ROOT / path).is_file()
     module = importlib.import_module("flows." + Path(path).stem)
     assert isinstance(getattr(module, func), Flow)
-    cfg = PipelineConfig.model_validate(deployment["parameters"]["cfg"])
-    # the laptop parameters are the laptop preset, less the work dir the worker's environment gives
+    from flows.pipeline import flow_config
+
+    # a preset and (empty) overrides, never a whole config: a run's own overrides cannot drop the preset
+    assert deployment["parameters"] == {"preset": "laptop", "overrides": {}}
+    cfg = flow_config(**deployment["parameters"], environ={"FORESIGHT_WORK_DIR": "s3://foresight/work"})
     assert cfg.model_dump(exclude={"work_dir"}) == load_config("laptop", env={}).model_dump(exclude={"work_dir"})
+    assert cfg.work_dir == "s3://foresight/work"  # the worker's environment gives the infrastructure
+    assert deployment["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
     for sched in deployment.get("schedules", []):
         Cron(sched["cron"], timezone=sched["timezone"])

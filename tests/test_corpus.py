@@ -332,3 +332,17 @@ def test_every_written_row_is_a_corpus_row_and_round_trips(tiny_cfg):
 def test_a_bad_corpus_row_names_what_is_wrong(bad, match):
     with pytest.raises(ValueError, match=match):
         CorpusRow.from_dict(bad)
+
+
+def test_a_data_version_draws_fresh_training_data_on_the_same_eval_sets(tmp_path):
+    base = search_cfg(tmp_path, "corpus.n_train_tasks=6", "envs.math.enabled=true")
+    fresh = search_cfg(tmp_path, "corpus.n_train_tasks=6", "envs.math.enabled=true", "corpus.data_version=2026-12-06")
+    a, b = plan_corpus(base), plan_corpus(fresh)
+    for env in ("search", "math"):  # other training tasks in each environment
+        assert [t.question for t in a.rl_tasks if t.env == env] != [t.question for t in b.rl_tasks if t.env == env]
+    assert [i["seed"] for i in a.items] != [i["seed"] for i in b.items]  # other behaviour rollouts
+    assert {k: [t.to_dict() for t in v] for k, v in a.eval_sets.items()} == \
+        {k: [t.to_dict() for t in v] for k, v in b.eval_sets.items()}  # the same held-out sets
+    assert corpus_key(base) != corpus_key(fresh)
+    assert plan_corpus(search_cfg(tmp_path, "corpus.n_train_tasks=6", "envs.math.enabled=true",
+                                  "corpus.data_version=2026-12-06")).items == b.items  # a version is reproducible

@@ -46,15 +46,21 @@ def _run_text(client, run) -> str:
 def test_flow_parameter_is_a_form() -> None:
     from prefect.utilities.callables import parameter_schema
 
-    from flows.pipeline import build_corpus, pipeline
+    from flows.pipeline import build_corpus, pipeline, retrain
 
-    for f in (pipeline, build_corpus):
+    for f in (pipeline, build_corpus, retrain):
         schema = parameter_schema(f).model_dump_for_openapi()
-        assert schema["required"] == ["cfg"]
+        assert "required" not in schema  # every parameter has a default: a run may send only overrides
+        props = schema["properties"]
+        assert list(props)[:3] == ["preset", "overrides", "cfg"] and "Dotted config paths" in props["overrides"]["description"]
         defs = schema["definitions"]
-        # field docstrings become the form's help text
+        assert props["cfg"]["anyOf"][0] == {"$ref": "#/definitions/PipelineConfig"}
+        # field docstrings become the form's help text; enums and defaults are there; secrets are password fields
         assert "Monte Carlo" in defs["CorpusConfig"]["properties"]["mc_rollouts"]["description"]
-        assert "PipelineConfig" in defs
+        assert defs["SFTConfig"]["properties"]["loss_on"]["enum"] == ["all", "assistant"]
+        assert defs["CorpusConfig"]["properties"]["mc_rollouts"]["default"] == 16
+        assert defs["StorageConfig"]["properties"]["secret"]["anyOf"][0]["format"] == "password"
+    assert "scheduled" in parameter_schema(retrain).model_dump_for_openapi()["properties"]["data_version"]["description"]
 
 
 def test_setup_env_embedded_default_and_user_values_win(tmp_path: Path) -> None:
@@ -111,15 +117,45 @@ def test_deployments_schedule_and_masked_parameters() -> None:
 
     cfg = load_config("tiny", env={"AWS_ACCESS_KEY_ID": SECRETS[0], "AWS_SECRET_ACCESS_KEY": SECRETS[1],
                                    "MLFLOW_TRACKING_URI": "postgresql://u:pw-123@db/mlflow"})
-    retrain, corpus = make_deployments(cfg, cron="30 2 * * 1", timezone="Europe/Paris")
-    assert (retrain.name, corpus.name) == ("tiny-retrain", "tiny-corpus")
-    assert retrain.entrypoint == "flows.pipeline.pipeline"
+    retrain, run, corpus = make_deployments(cfg=cfg, cron="30 2 * * 1", timezone="Europe/Paris")
+    assert (retrain.name, run.name, corpus.name) == ("tiny-retrain", "tiny-pipeline", "tiny-corpus")
+    assert retrain.entrypoint == "flows.pipeline.retrain" and run.entrypoint == "flows.pipeline.pipeline"
     (sched,) = retrain.schedules
     assert (sched.schedule.cron, sched.schedule.timezone) == ("30 2 * * 1", "Europe/Paris")
-    assert corpus.schedules == []
+    assert run.schedules == corpus.schedules == []
+    assert all(d.concurrency_limit == 1 and d.concurrency_options.collision_strategy == "ENQUEUE"
+               for d in (retrain, run, corpus))  # one run at a time, the others queue
     text = json.dumps(retrain.parameters)
     assert not any(s in text for s in (*SECRETS, "pw-123"))
     PipelineConfig.model_validate(retrain.parameters["cfg"])  # still a valid flow parameter
+    # from a preset: the parameters are the preset and its overrides, nothing else
+    retrain, _, _ = make_deployments("tiny", {"fc_rl.max_steps": 1})
+    assert retrain.parameters == {"preset": "tiny", "overrides": {"fc_rl.max_steps": 1}}
+
+
+def test_flow_parameters_are_a_preset_and_dotted_overrides() -> None:
+    from flows.pipeline import flow_config
+
+    cfg = flow_config("tiny", {"fc_rl.max_steps": 7, "fe_sft.lr": 1e-5, "corpus.noise": {"wrong_query": 0.5}},
+                      environ={"FORESIGHT_WORK_DIR": "s3://bucket/work", "AWS_SECRET_ACCESS_KEY": SECRETS[1]})
+    tiny = load_config("tiny", env={})
+    assert cfg.fc_rl.max_steps == 7 and cfg.fe_sft.lr == 1e-5 and cfg.corpus.noise.wrong_query == 0.5
+    # every other field is the preset's, one level down and deeper alike
+    assert cfg.fc_rl.group_size == tiny.fc_rl.group_size and cfg.corpus.noise.premature_answer == 0.2
+    assert cfg.fe_sft.loss_on == "assistant" and cfg.model.source == "tiny"
+    # infrastructure from the environment of the process running the flow
+    assert cfg.work_dir == "s3://bucket/work" and cfg.infra.storage.secret.get_secret_value() == SECRETS[1]
+    assert flow_config(None, None, environ={}).name == "laptop"  # no parameters: the laptop preset
+    with pytest.raises(ConfigError, match=r"fc_rl.max_stepz"):
+        flow_config("tiny", {"fc_rl.max_stepz": 2}, environ={})
+    with pytest.raises(ConfigError, match=r"fc_rl.max_steps"):
+        flow_config("tiny", {"fc_rl.max_steps": "many"}, environ={})
+    with pytest.raises(ConfigError, match="give preset .* or cfg, not both"):
+        flow_config("tiny", None, tiny, environ={})
+    with pytest.raises(ConfigError, match="expected a mapping of dotted paths"):
+        flow_config("tiny", ["fc_rl.max_steps=2"], environ={})  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="unknown preset 'tinny'"):
+        flow_config("tinny", None, environ={})
 
 
 def test_local_ray_listens_on_loopback_only(ray_local) -> None:
@@ -141,7 +177,7 @@ def test_build_corpus_flow_records_to_mlflow_and_reuses(prefect_server, ray_loca
                                          "infra.tracking.sample_trajectories=4"],
                       env={"AWS_ACCESS_KEY_ID": SECRETS[0], "AWS_SECRET_ACCESS_KEY": SECRETS[1]})
     t0 = time.perf_counter()
-    state = build_corpus(cfg, return_state=True)
+    state = build_corpus(cfg=cfg, return_state=True)
     build_s = time.perf_counter() - t0
     assert state.is_completed(), state
     refs = state.result()
@@ -188,7 +224,7 @@ def test_build_corpus_flow_records_to_mlflow_and_reuses(prefect_server, ray_loca
 
     # the same config again, through the whole-pipeline flow: the finished corpus is reused
     t0 = time.perf_counter()
-    refs2 = pipeline(cfg.model_copy(update={"stages": ["corpus"]}))
+    refs2 = pipeline(cfg=cfg.model_copy(update={"stages": ["corpus"]}))
     reuse_s = time.perf_counter() - t0
     assert refs2["corpus.reused"] == "true" and refs2["corpus.uri"] == refs["corpus.uri"]
     run2 = client.get_run(refs2["corpus.run_id"])

@@ -18,7 +18,7 @@ def test_tiny_pipeline_end_to_end_then_ablation(prefect_server, ray_local, tiny_
     from foresight_core.config.ablation import load_ablation
     from flows.pipeline import ablation, pipeline
 
-    refs = pipeline(tiny_cfg)
+    refs = pipeline(cfg=tiny_cfg)
     for stage in ("corpus", "wm_amt", "fe_sft", "fc_rl", "eval"):
         assert refs[f"{stage}.run_id"], stage
     client = mlflow.MlflowClient(tiny_cfg.infra.tracking.tracking_uri)
@@ -47,6 +47,12 @@ def test_tiny_pipeline_end_to_end_then_ablation(prefect_server, ray_local, tiny_
             assert 0.0 <= m[f"{bench}/{mode}/score"] <= 1.0 and m[f"{bench}/{mode}/episodes"] >= 1
     report_dir = client.download_artifacts(runs["eval"].info.run_id, "eval_report.json")
     assert set(json.loads(Path(report_dir).read_text())) == {"search_world", "gsm_symbolic"}
+    # the evaluated model is a registered version with its lineage; the first one is the champion
+    assert refs["registry.version"] == "1" and refs["registry.promoted"] == "true"
+    version = client.get_model_version("foresight-tiny", "1")
+    assert version.run_id == runs["fc_rl"].info.run_id and version.tags["foresight.eval.run_id"] == refs["eval.run_id"]
+    assert version.tags["foresight.corpus.key"] == refs["corpus.key"] and version.tags["prefect.flow_run_id"]
+    assert str(client.get_model_version_by_alias("foresight-tiny", "champion").version) == "1"
     # the end-of-run summary `foresight run` prints: one row per stage with its wall time, the final model
     from flows import cli
     from tasks.progress import clock
@@ -75,3 +81,5 @@ def test_tiny_pipeline_end_to_end_then_ablation(prefect_server, ray_local, tiny_
     assert full_refs["fc_rl.reused"] == "true" and full_refs["fc_rl.run_id"] == refs["fc_rl.run_id"]
     table_md = Path(client.download_artifacts(out["ablation.run_id"], "ablation_table.md")).read_text()
     assert "| full |" in table_md and "| fe_sft_only |" in table_md
+    # ablation variants are evidence, not candidates: nothing more in the registry
+    assert len(client.search_model_versions("name = 'foresight-tiny'")) == 1

@@ -115,6 +115,16 @@ def test_missing_bwrap_is_a_clear_error(monkeypatch):
         run_python("print(1)", SandboxConfig(backend="bwrap"))
 
 
+def test_a_bwrap_that_cannot_create_namespaces_is_a_clear_error(monkeypatch, tmp_path):
+    """What a container without the seccomp / AppArmor exemptions sees: the error says what to grant."""
+    fake = tmp_path / "bwrap"
+    fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to creating new namespace' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    with pytest.raises(SandboxError, match=r"No permissions to creating new namespace.*user namespaces.*security_opt"):
+        run_python("print(1)", SandboxConfig(backend="bwrap"))
+
+
 def test_null_bytes_and_huge_code_are_refused():
     assert run_python("print(1)\x00", _cfg("rlimit")).error.startswith("SyntaxError")
     assert run_python("#" * 200_000, _cfg("rlimit")).error.startswith("ValueError")

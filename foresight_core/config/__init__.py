@@ -9,6 +9,7 @@ from foresight_core.config.infra import InfraConfig, PrefectConfig, RayConfig, S
 from foresight_core.config.load import ConfigError, dump_config, list_presets, load_config, parse_override
 from foresight_core.config.model import LoRAConfig, ModelConfig
 from foresight_core.config.pipeline import STAGES, PipelineConfig
+from foresight_core.config.registry import RegistryConfig
 from foresight_core.config.rl import FCRLConfig
 from foresight_core.config.train import ScalingConfig, SFTConfig
 
@@ -17,5 +18,5 @@ __all__ = [
     "MathConfig", "SandboxConfig", "SearchQAConfig", "SearchWorldConfig", "EvalConfig", "InfraConfig",
     "PrefectConfig", "RayConfig", "StorageConfig", "TrackingConfig", "ConfigError", "dump_config", "list_presets",
     "load_config", "parse_override", "LoRAConfig", "ModelConfig", "STAGES", "PipelineConfig", "FCRLConfig",
-    "ScalingConfig", "SFTConfig",
+    "RegistryConfig", "ScalingConfig", "SFTConfig",
 ]

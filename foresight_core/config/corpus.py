@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from foresight_core.config.base import StrictModel
 
@@ -38,6 +39,10 @@ class CorpusConfig(StrictModel):
     """Training tasks per environment (episodes for WM-AMT / FE-SFT, prompts for RL)."""
     n_eval_tasks: int = Field(default=100, ge=1)
     """Held-out evaluation tasks per environment / benchmark."""
+    data_version: str = Field(default="", max_length=64)
+    """Version of the training data: a non-empty value draws other training tasks and behaviour
+    rollouts (a fresh corpus), while the held-out evaluation sets stay the same. The retraining
+    deployment sets it to the scheduled date, so each retrain trains on new data."""
     rollouts_per_task: int = Field(default=2, ge=1)
     """Behaviour-policy trajectories played per training task."""
     behaviour: Literal["expert", "llm"] = "expert"
@@ -72,6 +77,12 @@ class CorpusConfig(StrictModel):
     """Loaders: skip (and count) malformed benchmark rows instead of failing on the first."""
     num_blocks: int = Field(default=8, ge=1)
     """Ray Data blocks the collection is split into (parallelism)."""
+
+    @field_validator("data_version", mode="before")
+    @classmethod
+    def _date_as_text(cls, v: object) -> object:
+        """``--set corpus.data_version=2026-12-06`` reads as a YAML date: keep it as its ISO text."""
+        return v.isoformat() if isinstance(v, (datetime.date, datetime.datetime)) else v
 
     @model_validator(mode="after")
     def _llm_needs_model(self) -> "CorpusConfig":

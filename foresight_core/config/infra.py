@@ -21,6 +21,10 @@ class TrackingConfig(StrictModel):
     """MLflow experiment that every run of the pipeline lands in."""
     sample_trajectories: int = Field(default=20, ge=0)
     """How many rendered trajectories to log as an artifact per stage."""
+    stage_lease_s: float = Field(default=90.0, ge=5, le=3600)
+    """A running stage renews a lease on its MLflow run every third of this. Another run of the same
+    stage (same key) waits while the lease is live, and resumes the stage once it has lapsed (the
+    holder died): two runs never train into one MLflow run or one checkpoint folder at once."""
 
 
 class RayConfig(StrictModel):

@@ -12,6 +12,7 @@ from foresight_core.config.envs import EnvsConfig
 from foresight_core.config.evaluation import EvalConfig
 from foresight_core.config.infra import InfraConfig
 from foresight_core.config.model import ModelConfig
+from foresight_core.config.registry import RegistryConfig
 from foresight_core.config.rl import FCRLConfig
 from foresight_core.config.train import SFTConfig
 
@@ -44,5 +45,7 @@ class PipelineConfig(StrictModel):
     """Stage 3: foresight-conditioned GRPO."""
     eval: EvalConfig = EvalConfig()
     """Benchmark evaluation."""
+    registry: RegistryConfig = RegistryConfig()
+    """After evaluation: the final model's version in MLflow's Model Registry, and its promotion."""
     num_threads: int | None = Field(default=None, ge=1)
     """torch intra-op threads per process (None: torch's default)."""

@@ -27,18 +27,28 @@ class CorpusPlan:
     load_reports: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
+def data_seed(seed: int, data_version: str) -> int:
+    """The seed of the training data: ``seed`` itself for the unversioned corpus, else a hash of both."""
+    if not data_version:
+        return seed
+    return int(hashlib.sha256(f"{seed}/data/{data_version}".encode()).hexdigest()[:8], 16)
+
+
 def train_tasks(cfg: PipelineConfig) -> list[Task]:
-    """Training tasks of every enabled procedural environment, ``n_train_tasks`` each."""
+    """Training tasks of every enabled procedural environment, ``n_train_tasks`` each (drawn with the
+    data version's seed; the held-out templates and the evaluation world are never drawn)."""
     tasks: list[Task] = []
     sw = cfg.envs.search_world
     if sw.enabled:
         from foresight_core.envs.search_world import load_world, make_search_world_tasks
         world = load_world(sw.train_seed, sw.n_entities)
-        tasks += make_search_world_tasks(world, cfg.corpus.n_train_tasks, sw.question_mix, cfg.seed, "train")
+        tasks += make_search_world_tasks(world, cfg.corpus.n_train_tasks, sw.question_mix,
+                                         data_seed(cfg.seed, cfg.corpus.data_version), "train")
     if cfg.envs.math.enabled:
         from foresight_core.envs.math import load_gsm_symbolic_tasks
         m = cfg.envs.math
-        tasks += load_gsm_symbolic_tasks(cfg.corpus.n_train_tasks, m.seed, "train", m.eval_template_share)
+        tasks += load_gsm_symbolic_tasks(cfg.corpus.n_train_tasks, data_seed(m.seed, cfg.corpus.data_version), "train",
+                                         m.eval_template_share)
     return tasks
 
 
@@ -75,7 +85,9 @@ def eval_sets(cfg: PipelineConfig) -> tuple[dict[str, list[Task]], dict[str, dic
 
 
 def item_seed(cfg: PipelineConfig, task: Task, rollout: int) -> int:
-    return int(hashlib.sha256(f"{cfg.seed}/{task.env}/{task.id}/{rollout}".encode()).hexdigest()[:12], 16)
+    """The behaviour policy's seed for one rollout of one task (the data version draws other rollouts)."""
+    version = f"/{cfg.corpus.data_version}" if cfg.corpus.data_version else ""
+    return int(hashlib.sha256(f"{cfg.seed}{version}/{task.env}/{task.id}/{rollout}".encode()).hexdigest()[:12], 16)
 
 
 def plan_corpus(cfg: PipelineConfig) -> CorpusPlan:

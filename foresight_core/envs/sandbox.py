@@ -103,6 +103,12 @@ _foresight_run()
 """
 
 
+CONTAINER_HINT = (". bubblewrap needs unprivileged user namespaces: on a host, kernel.unprivileged_userns_clone=1 "
+                  "(and no AppArmor rule refusing them); in a container, the seccomp and AppArmor exemptions that "
+                  "docker-compose.yml gives the services running pipeline code (security_opt). "
+                  "envs.math.sandbox.backend=rlimit runs trusted code without isolation")
+
+
 class SandboxError(RuntimeError):
     """The sandbox itself could not run (not the model's fault): missing bwrap, no namespaces, ..."""
 
@@ -368,8 +374,9 @@ def _supervise(argv: list[str], cfg: SandboxConfig, cwd: str, env: dict[str, str
     started = _read_ready(status_r) == b"ok"
     wall_ms = (time.monotonic() - t0) * 1000
     if not started and not timed_out:
+        hint = CONTAINER_HINT if cfg.backend == "bwrap" else ""
         raise SandboxError(f"the sandbox failed to start ({os.path.basename(argv[0])} exit {rc}): "
-                           f"{bytes(err).decode('utf-8', 'replace').strip()[-500:]}")
+                           f"{bytes(err).decode('utf-8', 'replace').strip()[-500:]}{hint}")
     return _result(cfg, bytes(out), n_out, bytes(err), rc, timed_out, overflow, wall_ms, uid)
 
 
