@@ -54,6 +54,7 @@ from foresight_core.config.rl import FCRLConfig
 from foresight_core.envs.base import Env
 from foresight_core.rollout import HFEngine, Rollout, RolloutEngine, SamplingParams, play_group
 from foresight_core.tracking import NullTracker, Progress, Tracker
+from foresight_core.storage import check_seal, seal
 from foresight_core.types import Task
 
 CHECKPOINT_FILE = "fc_rl_state.pt"
@@ -392,6 +393,8 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     tmp = path / (CHECKPOINT_FILE + ".tmp")
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "step": step}, tmp)
+    seal(tmp)
+    os.replace(tmp.with_name(tmp.name + ".sha256"), path / (CHECKPOINT_FILE + ".sha256"))
     os.replace(tmp, path / CHECKPOINT_FILE)
     return path / CHECKPOINT_FILE
 
@@ -399,6 +402,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> int:
     """Restore a checkpoint written by ``save_checkpoint``; returns the number of finished steps."""
     file = path / CHECKPOINT_FILE
+    check_seal(file)
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])

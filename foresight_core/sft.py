@@ -58,6 +58,7 @@ import torch.distributed as dist
 from torch import nn
 
 from foresight_core.config.train import SFTConfig
+from foresight_core.storage import check_seal, seal
 from foresight_core.fsdp import (gather_model, gather_training_state, is_sharded, load_sharded_state, shard_model,
                                  trainable_state)
 from foresight_core.losses import CausalLMLoss
@@ -223,6 +224,7 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, state: d
                 "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
                 "scheduler": scheduler.state_dict(), **state}, tmp / CHECKPOINT_FILE)
     (tmp / "meta.json").write_text(json.dumps({k: state[k] for k in ("step", "micro_step", "metrics")}, indent=2))
+    seal(tmp / CHECKPOINT_FILE)  # its sha256 beside it: a corrupted checkpoint is caught when it is read back
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
     return path
@@ -233,6 +235,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, schedu
     file = Path(path) / CHECKPOINT_FILE
     if not file.exists():
         raise FileNotFoundError(f"{path} is not a training checkpoint (no {CHECKPOINT_FILE})")
+    check_seal(file)
     ckpt = torch.load(file, map_location="cpu", weights_only=False)
     expected = set(trainable_state(model))
     if set(ckpt["model"]) != expected:

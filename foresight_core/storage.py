@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import posixpath
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -282,19 +283,54 @@ def is_complete(dir_uri: str, storage: StorageConfig | None = None) -> bool:
     return load_manifest(dir_uri, storage) is not None
 
 
-def load_manifest(dir_uri: str, storage: StorageConfig | None = None) -> dict[str, Any] | None:
-    """The manifest of a complete dataset folder, or None (missing, unreadable, or a hash differs)."""
+def manifest_problem(dir_uri: str, storage: StorageConfig | None = None) -> str | None:
+    """Why a dataset folder is not complete, naming the file (None: it is complete)."""
     uri = join_uri(dir_uri, MANIFEST)
     if not exists(uri, storage):
-        return None
+        return f"{uri} is missing (the folder was never finished)"
     try:
         manifest = read_json(uri, storage)
         for name, entry in manifest["files"].items():
-            if sha256_file(join_uri(dir_uri, name), storage) != entry["sha256"]:
-                return None
-    except (StorageError, KeyError, TypeError, AttributeError):
+            got = sha256_file(join_uri(dir_uri, name), storage)
+            if got != entry["sha256"]:
+                return (f"{join_uri(dir_uri, name)} is corrupted or was changed after it was written: its sha256 "
+                        f"{got[:16]}... differs from the manifest's {str(entry['sha256'])[:16]}...")
+    except StorageError as e:
+        return str(e)
+    except (KeyError, TypeError, AttributeError) as e:
+        return f"{uri} is not a manifest ({type(e).__name__}: {e})"
+    return None
+
+
+def load_manifest(dir_uri: str, storage: StorageConfig | None = None) -> dict[str, Any] | None:
+    """The manifest of a complete dataset folder, or None (missing, unreadable, or a hash differs:
+    ``manifest_problem`` says which)."""
+    if manifest_problem(dir_uri, storage) is not None:
         return None
-    return manifest
+    return read_json(join_uri(dir_uri, MANIFEST), storage)
+
+
+def seal(path: str | os.PathLike) -> None:
+    """Record a local file's sha256 beside it (``<file>.sha256``), for ``check_seal`` when it is read back."""
+    path = Path(path)
+    digest = sha256_file(str(path))
+    tmp = path.with_name(path.name + ".sha256.tmp")
+    tmp.write_text(digest + "\n")
+    os.replace(tmp, path.with_name(path.name + ".sha256"))
+
+
+def check_seal(path: str | os.PathLike) -> None:
+    """Raise ``StorageError`` naming the file when it no longer has the sha256 ``seal`` recorded (a file
+    written before seals existed, without one, passes)."""
+    path = Path(path)
+    sealed = path.with_name(path.name + ".sha256")
+    if not sealed.exists():
+        return
+    want, got = sealed.read_text().strip(), sha256_file(str(path))
+    if got != want:
+        raise StorageError(f"{path} is corrupted: its sha256 {got[:16]}... differs from the {want[:16]}... "
+                           f"recorded when it was written ({sealed.name}); delete this checkpoint folder to "
+                           "resume from the one before it")
 
 
 class DatasetWriter:

@@ -21,7 +21,7 @@ from foresight_core.chat import trajectory_messages
 from foresight_core.config import PipelineConfig
 from foresight_core.corpus import Manifest, build_corpus, collect_items, corpus_key, corpus_uri
 from foresight_core.envs.sandbox import SandboxError
-from foresight_core.storage import MANIFEST, join_uri, load_manifest
+from foresight_core.storage import MANIFEST, StorageError, join_uri, load_manifest, manifest_problem
 from foresight_core.types import Trajectory
 from tasks.runtime import init_ray, ray_map
 from tasks.tracking import find_runs, mlflow_run, stage_params
@@ -128,8 +128,8 @@ def find_corpus(cfg: PipelineConfig, uri: str | None = None) -> Manifest:
             raise RuntimeError(f"no finished corpus with key {key} in MLflow ({cfg.infra.tracking.experiment}): "
                                "run `foresight corpus` with this config first, or keep corpus in `stages`")
         uri = runs[0].data.tags["foresight.corpus.uri"]
-    data = load_manifest(uri, cfg.infra.storage)
-    if data is None:
-        raise RuntimeError(f"corpus {uri} is incomplete (no manifest or a hash differs): rebuild it with "
-                           "`foresight corpus`")
-    return Manifest(uri=uri, data=data, reused=True)
+    problem = manifest_problem(uri, cfg.infra.storage)
+    if problem is not None:
+        raise StorageError(f"corpus {uri} cannot be used: {problem}. Rebuild it with `foresight corpus` "
+                           "(a folder whose manifest does not match is rebuilt)")
+    return Manifest(uri=uri, data=load_manifest(uri, cfg.infra.storage), reused=True)

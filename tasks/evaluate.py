@@ -35,7 +35,7 @@ from foresight_core.storage import sha256_file
 from foresight_core.tracking import PROGRESS_TAG, Progress
 from tasks.progress import watch_stage
 from tasks.rl import load_tasks
-from tasks.runtime import init_ray, quiet_ray_data, setup_env, worker_threads
+from tasks.runtime import init_ray, node_tags, quiet_ray_data, setup_env, worker_threads
 from tasks.stage import Launched, StageInput, StageSpec, run_stage
 from tasks.tracking import MlflowTracker, tracking_uri
 from tasks.train import StageInputError, local_model_dir
@@ -62,8 +62,11 @@ class EvalWorker:
         from foresight_core.chat import ChatBridge
         from foresight_core.models import load_model
 
-        self.progress = Progress(MlflowTracker(tracking, run_id) if run_id else None,
-                                 key=f"{PROGRESS_TAG}.{uuid.uuid4().hex[:8]}")
+        actor = uuid.uuid4().hex[:8]
+        tracker = MlflowTracker(tracking, run_id) if run_id else None
+        self.progress = Progress(tracker, key=f"{PROGRESS_TAG}.{actor}")
+        if tracker is not None:  # where this actor plays: one set of tags per actor
+            tracker.set_tags(node_tags(f"foresight.eval_actor.{actor}"))
         self.progress.phase("loading the model")
         self.episodes = 0  # finished by this actor, over all its batches
 

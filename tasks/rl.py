@@ -31,7 +31,7 @@ from foresight_core.config import PipelineConfig
 from foresight_core.capability import held_out_task_uris, read_tasks
 from foresight_core.fc_rl import eval_subset
 from foresight_core.tracking import Progress
-from tasks.runtime import setup_env
+from tasks.runtime import node_tags, setup_env
 from tasks.stage import MODEL_ARTIFACT, Launched, StageInput, StageSpec, run_stage, skipped
 from tasks.tracking import MlflowTracker, tracking_uri
 from tasks.train import StageInputError, fit_stage, local_model_dir, resolve_dataset
@@ -66,7 +66,8 @@ def _rl_worker(config: dict[str, Any]) -> None:
     tracker = MlflowTracker(config["tracking_uri"], config["run_id"]) if rank == 0 else None
     if tracker is not None:  # what the speed depends on, as the worker really saw it
         tracker.set_tags({"foresight.worker.torch_threads": str(torch.get_num_threads()),
-                          "foresight.worker.world_size": str(ray.train.get_context().get_world_size())})
+                          "foresight.worker.world_size": str(ray.train.get_context().get_world_size()),
+                          **node_tags()})
     work = Path(tempfile.mkdtemp(prefix=f"foresight-fc_rl-rank{rank}-"))
     try:
         progress = Progress.of(tracker)  # rank 0 only (the others have no tracker)

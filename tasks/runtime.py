@@ -85,6 +85,7 @@ def init_ray(ray_cfg: RayConfig) -> str:
         return ray_cfg.address
     with activity("ray", "starting a local Ray"):
         ray.init(
+            address="local",  # a new Ray of our own, never a cluster that `ray start` left on this machine
             num_cpus=ray_cfg.num_cpus,
             object_store_memory=ray_cfg.object_store_memory_mb * 1024 * 1024,
             include_dashboard=False,
@@ -175,6 +176,17 @@ def _progress(show: bool, description: str, total: int) -> Iterator[Callable[[in
 
 # ---------------------------------------------------------------------------------------------
 # CPUs per worker: a stage uses the machine unless told otherwise
+
+
+def node_tags(prefix: str = "foresight.worker") -> dict[str, str]:
+    """Which Ray node this process runs on, as MLflow tags (called inside a Ray worker or actor)."""
+    import socket
+
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    ip = next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id), "")  # the address Ray uses
+    return {f"{prefix}.node_id": node_id, f"{prefix}.node_ip": ip, f"{prefix}.hostname": socket.gethostname()}
 
 
 def cpus_per_worker(num_workers: int, node_cpus: list[int], explicit: int | None = None) -> int:

@@ -43,10 +43,11 @@ from pathlib import Path
 from typing import Any
 
 from foresight_core.config import PipelineConfig
-from foresight_core.storage import WorkDir, is_local_uri, join_uri, load_manifest, local_path, sha256_file
+from foresight_core.storage import (WorkDir, is_local_uri, join_uri, load_manifest, local_path, manifest_problem,
+                                    sha256_file)
 from foresight_core.tracking import Progress
 from tasks.progress import watch_stage
-from tasks.runtime import init_ray, setup_env, worker_threads
+from tasks.runtime import init_ray, node_tags, setup_env, worker_threads
 from tasks.stage import MODEL_ARTIFACT, Launched, StageInput, StageSpec, run_stage, skipped
 from tasks.tracking import MlflowTracker, tracking_uri
 
@@ -70,10 +71,10 @@ def resolve_dataset(stage: str, corpus_uri: str, cfg: PipelineConfig) -> tuple[s
     storage = cfg.infra.storage
     if corpus_uri.endswith((".jsonl", ".jsonl.gz", ".parquet")):
         return corpus_uri, sha256_file(corpus_uri, storage), None
+    problem = manifest_problem(corpus_uri, storage)
+    if problem is not None:
+        raise StageInputError(f"{corpus_uri}: not a usable corpus folder: {problem}; build the corpus again")
     manifest = load_manifest(corpus_uri, storage)
-    if manifest is None:
-        raise StageInputError(f"{corpus_uri}: not a complete corpus folder (no manifest.json, or a file's "
-                              "hash differs); build the corpus first")
     entry = manifest.get("datasets", {}).get(stage)
     if entry is None:
         raise StageInputError(f"{corpus_uri}: the corpus has no {stage!r} dataset; it has "
@@ -136,7 +137,7 @@ def _sft_worker(config: dict[str, Any]) -> None:
     if tracker is not None:  # what the throughput depends on, as the worker really saw it
         tracker.set_tags({"foresight.worker.glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
                           "foresight.worker.torch_threads": str(torch.get_num_threads()),
-                          "foresight.worker.world_size": str(ctx.get_world_size())})
+                          "foresight.worker.world_size": str(ctx.get_world_size()), **node_tags()})
     work = Path(tempfile.mkdtemp(prefix=f"foresight-{stage}-rank{rank}-"))
     try:
         init_model = None

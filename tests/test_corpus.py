@@ -13,7 +13,7 @@ from foresight_core.corpus import (batches_by_task, build_corpus, calibration_re
 from foresight_core.envs.loaders import LoaderError
 from foresight_core.format import parse_turn, render_turn
 from foresight_core.scoring import grounding as grounding_reward
-from foresight_core.storage import MANIFEST, is_complete, join_uri, read_json
+from foresight_core.storage import MANIFEST, StorageError, is_complete, join_uri, read_json
 from foresight_core.types import Action, CorpusRow, Step, Task, Trajectory, Turn
 from test_storage import s3_storage  # noqa: F401  (the moto server fixture)
 
@@ -346,3 +346,18 @@ def test_a_data_version_draws_fresh_training_data_on_the_same_eval_sets(tmp_path
     assert corpus_key(base) != corpus_key(fresh)
     assert plan_corpus(search_cfg(tmp_path, "corpus.n_train_tasks=6", "envs.math.enabled=true",
                                   "corpus.data_version=2026-12-06")).items == b.items  # a version is reproducible
+
+
+def test_a_corrupted_dataset_file_is_named_by_the_stage_that_reads_it(tmp_path):
+    from tasks.corpus import find_corpus
+    from tasks.train import StageInputError, resolve_dataset
+
+    cfg = search_cfg(tmp_path, "corpus.n_train_tasks=4")
+    manifest = build_corpus(cfg, progress=False)
+    path = tmp_path / "work" / "corpus" / manifest.key / "wm_amt.jsonl"
+    path.write_text(path.read_text().replace('"success": true', '"success": false', 1))  # one edited row
+    with pytest.raises(StageInputError, match=r"wm_amt.jsonl is corrupted or was changed after it was written"):
+        resolve_dataset("wm_amt", manifest.uri, cfg)
+    with pytest.raises(StorageError, match=r"wm_amt.jsonl is corrupted"):
+        find_corpus(cfg, manifest.uri)
+    assert not build_corpus(cfg, progress=False).reused  # the corpus stage itself rebuilds it

@@ -17,6 +17,7 @@ from foresight_core.packing import IGNORE, LMSample, pack
 from foresight_core.losses import CausalLMLoss, linear_cross_entropy
 from foresight_core.sft import (latest_checkpoint, loss_mask, lr_factor,
                                 micro_batch_rows, prepare_data, train)
+from foresight_core.storage import StorageError
 from foresight_core.tracking import MemoryTracker
 from foresight_core.types import Action, Step, Task, Trajectory, Turn, WorldModelBlock
 
@@ -265,6 +266,19 @@ def test_checkpoint_of_another_model_is_refused(tok, tmp_path: Path):
     with pytest.raises(ValueError, match="does not match the model"):
         train(other, tok, data, cfg, tmp_path / "x", resume_from=latest_checkpoint(tmp_path / "checkpoints"),
               verbose=False)
+
+
+def test_a_corrupted_checkpoint_is_named_before_it_is_loaded(tok, tmp_path: Path):
+    cfg = small_cfg(max_steps=2)
+    data = prepare_data(rows(), tok, cfg)
+    model, _ = load_model(TINY, seed=0)
+    train(model, tok, data, cfg, tmp_path, verbose=False)
+    ckpt = latest_checkpoint(tmp_path / "checkpoints")
+    blob = bytearray((ckpt / "trainer_state.pt").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF  # one flipped byte in the middle of the tensors
+    (ckpt / "trainer_state.pt").write_bytes(bytes(blob))
+    with pytest.raises(StorageError, match=r"trainer_state.pt is corrupted: its sha256 .* recorded when it was written"):
+        train(model, tok, data, cfg, tmp_path / "x", resume_from=ckpt, verbose=False)
 
 
 def test_cli_trains_then_resumes_instead_of_starting_over(tmp_path: Path, capsys):

@@ -122,7 +122,8 @@ def test_a_stage_whose_driver_dies_resumes_from_its_last_checkpoint(tmp_path: Pa
 
     corpus = write_corpus(tmp_path)
     over = overrides(tmp_path, mlflow_uri, **{"wm_amt.max_steps": 12, "wm_amt.eval_every": 12,
-                                              "infra.ray.address": ray.get_runtime_context().gcs_address})
+                                              "infra.ray.address": ray.get_runtime_context().gcs_address,
+                                              "infra.tracking.stage_lease_s": 10})  # the dead driver's lease lapses
     # a driver in its own process, on this test's Ray cluster; killed once its first checkpoint is stored
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(over), corpus], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
@@ -153,3 +154,45 @@ def test_a_stage_whose_driver_dies_resumes_from_its_last_checkpoint(tmp_path: Pa
     assert steps.count(1) == 1  # not trained from scratch again
     assert set(steps) == set(range(1, 13))
     assert Path(ref["checkpoint"]).name == "step_000012"
+
+
+def test_a_killed_train_worker_is_restarted_from_the_last_checkpoint(tmp_path: Path, mlflow_uri: str, ray_local):
+    """FailureConfig: Ray Train restarts the worker group from the latest checkpoint; the stage ends with its
+    configured step count in its one MLflow run, losing at most one checkpoint interval."""
+    import threading
+
+    import psutil
+    from mlflow import MlflowClient
+
+    from tasks.train import run_sft_stage
+
+    corpus = write_corpus(tmp_path)
+    cfg = load_config("tiny", overrides=overrides(tmp_path, mlflow_uri, **{
+        "wm_amt.max_steps": 8, "wm_amt.eval_every": 8, "wm_amt.checkpoint_every": 2}), env={})
+    storage = tmp_path / "work" / "ray"
+    killed: list[int] = []
+
+    def kill_a_worker_after_the_first_checkpoint() -> None:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            snaps = list(storage.glob("*/checkpoint_manager_snapshot.json"))
+            if snaps and "step_000002" in snaps[0].read_text():
+                for proc in psutil.process_iter(["pid", "cmdline"]):
+                    if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                        proc.kill()
+                        killed.append(proc.info["pid"])
+                        return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint)
+    killer.start()
+    ref = run_sft_stage("wm_amt", cfg, corpus)
+    killer.join()
+    assert killed, "no Ray Train worker process was found to kill"
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_run(ref["run_id"]).info.experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # one run, not two
+    steps = [m.step for m in client.get_metric_history(ref["run_id"], "loss")]
+    assert set(steps) == set(range(1, 9)) and Path(ref["checkpoint"]).name == "step_000008"
+    assert steps.count(1) == steps.count(2) == 1  # resumed from step 2, not from scratch
+    assert all(steps.count(k) <= 2 for k in range(3, 9))  # at most one checkpoint interval trained twice
