@@ -45,6 +45,8 @@ class Service:
     name: str
     proc: subprocess.Popen
     log: Path
+    env: dict[str, str] | None = None
+    cwd: Path | None = None
 
     def tail(self, n: int = 40) -> str:
         try:
@@ -113,15 +115,24 @@ class Stack:
         log = self.root / f"{name}.log"
         if user:
             argv = ["runuser", "-u", user, "--", *argv]
-        proc = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env or os.environ.copy(),
+        proc = subprocess.Popen(argv, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env or os.environ.copy(),
                                 cwd=cwd or self.root, start_new_session=True)
-        svc = Service(name, proc, log)
+        svc = Service(name, proc, log, env, cwd or self.root)
         self.services[name] = svc
         return svc
 
     def stop(self) -> None:
         for name in reversed(list(self.services)):
             self.services[name].stop()
+
+    def restart(self, name: str, down_s: float) -> None:
+        """Stop a server, wait ``down_s``, start it again with the same command line, environment and port."""
+        svc = self.services[name]
+        argv, env, cwd = svc.proc.args, svc.env, svc.cwd
+        svc.stop()
+        time.sleep(down_s)
+        again = self.service(name, list(argv), env=env, cwd=cwd)
+        wait_for(lambda: http_ok(self.mlflow_url + "/health") if name == "mlflow" else True, again, "restart", 120)
 
 
 def wait_for(check, svc: Service, what: str, timeout: float = 120.0) -> None:

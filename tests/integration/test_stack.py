@@ -92,7 +92,8 @@ def test_the_retraining_schedule_produces_scheduled_runs(stack: Stack, deployed:
         time.sleep(2)
     assert runs, "the scheduler made no run of laptop-retrain"
     assert all(r["expected_start_time"] > time.strftime("%Y-%m-%dT%H:%M", time.gmtime()) for r in runs)
-    api(stack, "POST", f"/deployments/{dep['id']}/pause_deployment")  # the laptop runs are not this test's to run
+    for schedule in dep["schedules"]:  # the laptop runs are not this suite's to run; runs started by hand still are
+        api(stack, "PATCH", f"/deployments/{dep['id']}/schedules/{schedule['id']}", {"active": False})
 
 
 def test_a_tiny_pipeline_through_the_api_runs_on_the_cluster_and_lands_in_the_registry(
@@ -147,6 +148,69 @@ def test_a_tiny_pipeline_through_the_api_runs_on_the_cluster_and_lands_in_the_re
     assert version.tags["prefect.flow_run_id"] == created["id"]
     assert version.tags["foresight.eval.run_id"] == refs["eval.run_id"]
     assert str(client.get_model_version_by_alias("foresight-tiny", "champion").version) == refs["registry.version"]
+
+
+def test_a_retrain_trains_on_fresh_data_and_promotion_is_earned(stack: Stack, deployed: dict[str, dict]) -> None:
+    """The retraining deployment with a data version: a new corpus (not reused), new models, the same
+    held-out tasks; the new version is registered, and the champion alias moves only if it won."""
+    from mlflow import MlflowClient
+
+    dep = deployed["laptop-retrain"]
+    params = {**TINY, "data_version": "2026-12-06"}
+    created = api(stack, "POST", f"/deployments/{dep['id']}/create_flow_run", {"parameters": params})
+    run = wait_run(stack, created["id"])
+    assert run["state"]["type"] == "COMPLETED", run["state"]["message"] + "\n" + run_logs(stack, created["id"])[-4000:]
+    client = MlflowClient(stack.mlflow_url)
+    (exp,) = [e for e in client.search_experiments() if e.name == "foresight"]
+    parents = client.search_runs([exp.experiment_id], "tags.`foresight.stage` = 'pipeline'",
+                                 order_by=["attributes.start_time ASC"])
+    first, retrain = (json.loads(open(client.download_artifacts(p.info.run_id, "refs.json")).read())
+                      for p in (parents[0], parents[-1]))
+    assert retrain["corpus.reused"] == "false" and retrain["corpus.key"] != first["corpus.key"]  # fresh data
+    assert retrain["wm_amt.reused"] == "false" and retrain["fc_rl.run_id"] != first["fc_rl.run_id"]  # retrained
+    assert client.get_run(parents[-1].info.run_id).data.tags["foresight.data_version"] == "2026-12-06"
+    # the same held-out tasks were played, so the comparison is paired task by task
+    scores = [json.loads(open(client.download_artifacts(r["eval.run_id"], "eval_task_scores.json")).read())["direct"]
+              for r in (first, retrain)]
+    assert set(scores[0]) == set(scores[1]) and scores[0]
+    version = client.get_model_version("foresight-tiny", retrain["registry.version"])
+    assert retrain["registry.version"] == "2" and version.tags["foresight.data_version"] == "2026-12-06"
+    champion = str(client.get_model_version_by_alias("foresight-tiny", "champion").version)
+    diff = sum(scores[1].values()) / len(scores[1]) - sum(scores[0].values()) / len(scores[0])
+    if diff > 0:  # registry.promote_margin is 0 by default
+        assert retrain["registry.promoted"] == "true" and champion == "2"
+    else:
+        assert retrain["registry.promoted"] == "false" and champion == "1"
+        assert "does not beat the champion" in version.tags["foresight.promotion_reason"]
+
+
+def test_an_mlflow_server_away_for_seconds_mid_stage_loses_nothing(stack: Stack, deployed: dict[str, dict]) -> None:
+    """The MLflow server is stopped while WM-AMT trains and started again 8 s later on the same port and
+    database: the clients retry, the run completes, and every step's loss is there."""
+    from mlflow import MlflowClient
+
+    dep = deployed["laptop-pipeline"]
+    params = {"preset": "tiny", "overrides": {**TINY["overrides"], "seed": 7, "wm_amt.max_steps": 6,
+                                              "stages": ["corpus", "wm_amt"]}}
+    created = api(stack, "POST", f"/deployments/{dep['id']}/create_flow_run", {"parameters": params})
+    client = MlflowClient(stack.mlflow_url)
+    deadline = time.time() + 600
+    wm_run = None
+    while time.time() < deadline and wm_run is None:  # until WM-AMT has logged its first loss
+        try:
+            (exp,) = [e for e in client.search_experiments() if e.name == "foresight"]
+            runs = client.search_runs([exp.experiment_id], "tags.`foresight.stage` = 'wm_amt' and "
+                                      "attributes.status = 'RUNNING'")
+            wm_run = next((r for r in runs if "loss" in r.data.metrics), None)
+        except Exception:  # noqa: BLE001
+            pass
+        time.sleep(1)
+    assert wm_run is not None, "WM-AMT never started: " + run_logs(stack, created["id"])[-3000:]
+    stack.restart("mlflow", down_s=8)
+    run = wait_run(stack, created["id"])
+    assert run["state"]["type"] == "COMPLETED", run["state"]["message"] + "\n" + run_logs(stack, created["id"])[-4000:]
+    steps = sorted(m.step for m in client.get_metric_history(wm_run.info.run_id, "loss"))
+    assert steps == list(range(1, 7)) and client.get_run(wm_run.info.run_id).info.status == "FINISHED"
 
 
 def test_two_runs_at_once_do_not_share_a_run_or_a_folder(stack: Stack, deployed: dict[str, dict]) -> None:
