@@ -23,7 +23,7 @@ from foresight_core.corpus import Manifest, build_corpus, collect_items, corpus_
 from foresight_core.envs.sandbox import SandboxError
 from foresight_core.storage import MANIFEST, StorageError, join_uri, load_manifest, manifest_problem
 from foresight_core.types import Trajectory
-from tasks.runtime import init_ray, ray_map
+from tasks.runtime import init_ray, mlflow_client_env, ray_map
 from tasks.tracking import find_runs, mlflow_run, stage_params
 
 # manifest sections whose numbers become metrics (lists and per-file hashes do not)
@@ -74,7 +74,7 @@ def ray_collect(progress: bool) -> Any:
     """The ``map_fn`` of ``build_corpus``: ``collect_items`` as a Ray Data job of ``num_blocks`` blocks."""
 
     def map_fn(items: list[dict[str, Any]], cfg: PipelineConfig) -> list[dict[str, Any]]:
-        init_ray(cfg.infra.ray)  # only when there is something to collect: a reused corpus needs no Ray
+        init_ray(cfg.infra.ray, mlflow_client_env(cfg))  # only when there is something to collect: a reused corpus needs no Ray
         return ray_map(items, lambda block: collect_items(block, cfg), cfg.corpus.num_blocks,
                        progress=progress, description="corpus")
 

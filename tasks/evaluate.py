@@ -35,7 +35,7 @@ from foresight_core.storage import sha256_file
 from foresight_core.tracking import PROGRESS_TAG, Progress
 from tasks.progress import watch_stage
 from tasks.rl import load_tasks
-from tasks.runtime import init_ray, node_tags, quiet_ray_data, setup_env, worker_threads
+from tasks.runtime import init_ray, mlflow_client_env, node_tags, quiet_ray_data, setup_env, worker_threads
 from tasks.stage import Launched, StageInput, StageSpec, run_stage
 from tasks.tracking import MlflowTracker, tracking_uri
 from tasks.train import StageInputError, local_model_dir
@@ -135,7 +135,7 @@ def run_eval_stage(cfg: PipelineConfig, model_uri: str | None, corpus_uri: str,
         # ---- Ray Data: tasks -> actors holding the model -> episode records
         import ray.data
 
-        init_ray(cfg.infra.ray)
+        init_ray(cfg.infra.ray, mlflow_client_env(cfg))
         cpus, threads = worker_threads(cfg, cfg.eval.num_actors, None)  # the actors share the nodes' CPUs
         tracker.set_tags({"foresight.worker.torch_threads": str(threads)})
         items = [{"benchmark": name, "task": json.dumps(t.to_dict())} for name, tasks in sets.items() for t in tasks]

@@ -53,6 +53,7 @@ def setup_env(cfg: PipelineConfig, environ: MutableMapping[str, str] = os.enviro
         defaults["PREFECT_HOME"] = str(WorkDir(cfg.work_dir).prefect_home)
     if not cfg.infra.ray.address:
         defaults.update(LOCAL_RAY_ENV)
+    defaults.update(mlflow_client_env(cfg))
     set_now = {k: v for k, v in defaults.items() if not environ.get(k)}
     environ.update(set_now)
     if "PREFECT_HOME" in set_now:
@@ -62,12 +63,20 @@ def setup_env(cfg: PipelineConfig, environ: MutableMapping[str, str] = os.enviro
     return set_now
 
 
-def init_ray(ray_cfg: RayConfig) -> str:
+def mlflow_client_env(cfg: PipelineConfig) -> dict[str, str]:
+    """How MLflow's clients retry (``infra.tracking.http_retries``), as the environment MLflow reads."""
+    return {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(cfg.infra.tracking.http_retries),
+            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+
+
+def init_ray(ray_cfg: RayConfig, env_vars: dict[str, str] | None = None) -> str:
     """Connect to the configured Ray cluster, or start a local Ray bound to 127.0.0.1.
 
     Returns the address in use ("local" for a local Ray). A Ray already initialised in this
-    process (a test fixture, a notebook) is used as it is.
+    process (a test fixture, a notebook) is used as it is. ``env_vars`` reach every Ray worker of this
+    driver (its runtime environment).
     """
+    runtime_env = {"env_vars": dict(env_vars)} if env_vars else None
     if not ray_cfg.address:
         for k, v in LOCAL_RAY_ENV.items():
             os.environ.setdefault(k, v)  # before Ray is imported (see LOCAL_RAY_ENV)
@@ -81,7 +90,7 @@ def init_ray(ray_cfg: RayConfig) -> str:
     if ray_cfg.address:
         # a cluster: its workers must have this package installed (deployments/Dockerfile does that)
         with activity("ray", f"connecting to {ray_cfg.address}"):
-            ray.init(address=ray_cfg.address, log_to_driver=False, configure_logging=False)
+            ray.init(address=ray_cfg.address, log_to_driver=False, configure_logging=False, runtime_env=runtime_env)
         return ray_cfg.address
     with activity("ray", "starting a local Ray"):
         ray.init(
@@ -91,6 +100,7 @@ def init_ray(ray_cfg: RayConfig) -> str:
             include_dashboard=False,
             log_to_driver=False,
             configure_logging=False,
+            runtime_env=runtime_env,
         )
     return "local"
 

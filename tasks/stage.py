@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from foresight_core.config import PipelineConfig
-from tasks.tracking import MlflowTracker, find_runs, stage_params, start_run, tracking_uri
+from tasks.tracking import MlflowTracker, TrackingError, find_runs, stage_params, start_run, tracking_uri
 
 MODEL_ARTIFACT = "model"
 
@@ -256,8 +256,13 @@ def run_stage(spec: StageSpec, parent_run_id: str | None = None) -> dict[str, An
     with Lease(tracker, owner, spec.cfg.infra.tracking.stage_lease_s):
         try:
             out = spec.launch(tracker, key)
-        except BaseException:
-            tracker.finish("FAILED")
+        except BaseException as failure:
+            try:
+                tracker.finish("FAILED")
+            except Exception as e:  # noqa: BLE001 -- the tracking server is gone too: say that, and which one
+                raise TrackingError(f"stage {spec.stage} failed, and the MLflow server {tracker.tracking_uri} does not "
+                                    f"answer (after infra.tracking.http_retries={spec.cfg.infra.tracking.http_retries} "
+                                    f"retries): {type(e).__name__}: {str(e)[:300]}") from failure
             raise
         tags = dict(out.tags)
         if spec.produces_model:

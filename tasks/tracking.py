@@ -23,6 +23,7 @@ URI is masked in every param, tag and config artifact.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 import warnings
@@ -41,6 +42,9 @@ _SECRET_NAMES = re.compile(r"^(key|secret|password|passwd|token|api_key|access_k
 _URI_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][\w+.-]*://[^:/@\s]+):[^@/\s]+@")
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
 _BATCH = 100  # MLflow's limit on params / tags / metrics per log_batch call
+
+
+log = logging.getLogger(__name__)
 
 
 class TrackingError(RuntimeError):
@@ -255,7 +259,10 @@ def mlflow_run(cfg: PipelineConfig, run_name: str, stage: str, parent_run_id: st
     try:
         yield tracker
     except BaseException:
-        tracker.finish("FAILED")
+        try:
+            tracker.finish("FAILED")
+        except Exception as e:  # noqa: BLE001 -- the server is gone: keep the block's error, which says more
+            log.warning("could not mark MLflow run %s FAILED at %s: %s", tracker.run_id, tracker.tracking_uri, e)
         raise
     tracker.finish("FINISHED")
 

@@ -47,7 +47,7 @@ from foresight_core.storage import (WorkDir, is_local_uri, join_uri, load_manife
                                     sha256_file)
 from foresight_core.tracking import Progress
 from tasks.progress import watch_stage
-from tasks.runtime import init_ray, node_tags, setup_env, worker_threads
+from tasks.runtime import init_ray, mlflow_client_env, node_tags, setup_env, worker_threads
 from tasks.stage import MODEL_ARTIFACT, Launched, StageInput, StageSpec, run_stage, skipped
 from tasks.tracking import MlflowTracker, tracking_uri
 
@@ -184,7 +184,7 @@ def fit_stage(worker: Any, loop_config: dict[str, Any], cfg: PipelineConfig, sta
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    init_ray(cfg.infra.ray)
+    init_ray(cfg.infra.ray, mlflow_client_env(cfg))
     cpus, threads = worker_threads(cfg, scaling.num_workers, scaling.cpus_per_worker)
     loop_config = {**loop_config, "threads": threads}
     env_vars = {"OMP_NUM_THREADS": str(threads)}

@@ -21,6 +21,10 @@ class TrackingConfig(StrictModel):
     """MLflow experiment that every run of the pipeline lands in."""
     sample_trajectories: int = Field(default=20, ge=0)
     """How many rendered trajectories to log as an artifact per stage."""
+    http_retries: int = Field(default=5, ge=0, le=15)
+    """Retries of an MLflow request that failed to connect, 1, 2, 4, ... s apart: a server restarting
+    for a few seconds is ridden out; one that stays down fails the stage after about 2^retries seconds
+    with an error naming it. In every process of a stage, its Ray workers included."""
     stage_lease_s: float = Field(default=90.0, ge=5, le=3600)
     """A running stage renews a lease on its MLflow run every third of this. Another run of the same
     stage (same key) waits while the lease is live, and resumes the stage once it has lapsed (the

@@ -213,6 +213,40 @@ def test_an_mlflow_server_away_for_seconds_mid_stage_loses_nothing(stack: Stack,
     assert steps == list(range(1, 7)) and client.get_run(wm_run.info.run_id).info.status == "FINISHED"
 
 
+def test_an_mlflow_server_that_stays_down_fails_the_run_naming_it(stack: Stack, deployed: dict[str, dict]) -> None:
+    dep = deployed["laptop-pipeline"]
+    params = {"preset": "tiny", "overrides": {**TINY["overrides"], "seed": 8, "wm_amt.max_steps": 6,
+                                              "stages": ["corpus", "wm_amt"], "infra.tracking.http_retries": 2}}
+    from mlflow import MlflowClient
+
+    created = api(stack, "POST", f"/deployments/{dep['id']}/create_flow_run", {"parameters": params})
+    client = MlflowClient(stack.mlflow_url)
+    deadline = time.time() + 600
+    started = False
+    while time.time() < deadline and not started:  # until WM-AMT has logged its first loss
+        try:
+            (exp,) = [e for e in client.search_experiments() if e.name == "foresight"]
+            runs = client.search_runs([exp.experiment_id], "tags.`foresight.stage` = 'wm_amt' and "
+                                      "attributes.status = 'RUNNING'")
+            started = any("loss" in r.data.metrics for r in runs)
+        except Exception:  # noqa: BLE001
+            pass
+        time.sleep(1)
+    assert started, "WM-AMT never started: " + run_logs(stack, created["id"])[-3000:]
+    t0 = time.time()
+    stack.services["mlflow"].stop()
+    try:
+        run = wait_run(stack, created["id"], timeout=600)
+        failed_after = time.time() - t0
+    finally:
+        stack.restart("mlflow", down_s=0)
+    assert run["state"]["type"] in ("FAILED", "CRASHED")
+    port = stack.mlflow_url.rsplit(":", 1)[1]
+    text = run["state"]["message"] + run_logs(stack, created["id"])
+    assert f"127.0.0.1:{port}" in text and "does not answer" in text, text[-3000:]
+    print(f"\nMLflow down for good: the run failed {failed_after:.0f}s later, naming the server")
+
+
 def test_two_runs_at_once_do_not_share_a_run_or_a_folder(stack: Stack, deployed: dict[str, dict]) -> None:
     from mlflow import MlflowClient
 
