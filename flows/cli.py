@@ -220,6 +220,9 @@ def summary_text(name: str, refs: Mapping[str, str], metrics: Mapping[str, Mappi
     model_uri = final_model_uri(refs)
     if model_uri:
         out.append(f"final model: {model_uri}" + (f"\n  local folder: {model_path}" if model_path else ""))
+    if refs.get("registry.version"):
+        verdict = "the champion" if refs.get("registry.promoted") == "true" else "not promoted"
+        out.append(f"registered: {refs['registry.model_uri']}, {verdict}: {refs.get('registry.reason', '')}")
     ui = f"mlflow ui --backend-store-uri {tracking_uri}" if tracking_uri.startswith("sqlite:") else tracking_uri
     out.append(f"MLflow: {ui}")
     return "\n".join(out) + "\n"

@@ -173,6 +173,13 @@ def test_summary_table_from_refs_and_metrics() -> None:
     assert "  corpus  -     built    0 trajectories, success -, 0 annotated steps" in text
     assert "last step: success 50% | format - | ECE - | grounding -" in text
     assert text.endswith("final model: runs:/r/model\nMLflow: http://mlflow:5000\n")
+    # a registered model: its version and whether it took the champion alias, and why
+    text = cli.summary_text("x", {"fc_rl.run_id": "r", "fc_rl.model_uri": "runs:/r/model", "registry.version": "3",
+                                  "registry.model_uri": "models:/foresight-x/3", "registry.promoted": "false",
+                                  "registry.reason": "does not beat the champion by more than 0: -0.100"},
+                            {}, "http://mlflow:5000")
+    assert ("registered: models:/foresight-x/3, not promoted: does not beat the champion by more than 0: -0.100"
+            in text.splitlines())
 
 
 @pytest.mark.slow
