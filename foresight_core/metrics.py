@@ -14,14 +14,24 @@ Calibration of verbalised confidences q (the paper's <confidence>) against 0/1 o
     expected_calibration_error([0.9, 0.2], [1, 0])   # equal-width bins, weighted |accuracy - mean q|
     brier_score([0.9, 0.2], [1, 0])                  # mean (q - outcome)^2
     reliability_bins(qs, outcomes)                   # per-bin count / mean q / accuracy, for reports
+    auroc([0.9, 0.2, 0.6], [1, 0, 0])                # does q rank successes above failures? (1.0 here)
+    risk_coverage([0.9, 0.2], [1, 0])                # accuracy when answering only above each threshold
+
+Sampling and uncertainty:
+
+    pass_at_k(n=5, c=2, k=2)                         # unbiased pass@k from n samples, c correct: 1 - C(3,2)/C(5,2) = 0.7
+    bootstrap_interval([0, 1, 1, 0], seed=0)         # 95% percentile interval of the mean (resampling the values)
+    paired_difference({"t1": 1, "t2": 0}, {"t1": 0, "t2": 0})  # mean difference on common keys, with its interval
 """
 
 from __future__ import annotations
 
+import math
+import random
 import re
 import string
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 _PUNCTUATION = set(string.punctuation)
@@ -134,3 +144,80 @@ def brier_score(confidences: Sequence[float], outcomes: Sequence[float | bool]) 
     """Mean squared error between confidence and the 0/1 outcome (0 is perfect, 1 is worst)."""
     qs, ys = _check_pairs(confidences, outcomes)
     return sum((q - y) ** 2 for q, y in zip(qs, ys)) / len(qs)
+
+
+def auroc(confidences: Sequence[float], outcomes: Sequence[float | bool]) -> float | None:
+    """Area under the ROC curve of q as a score for success: the probability that a random success has a
+    higher q than a random failure, ties counting one half (Mann-Whitney U / (n_pos * n_neg)).
+    None when all outcomes are equal (no pair to rank)."""
+    qs, ys = _check_pairs(confidences, outcomes)
+    pos = [q for q, y in zip(qs, ys) if y == 1.0]
+    neg = [q for q, y in zip(qs, ys) if y == 0.0]
+    if not pos or not neg:
+        return None
+    # average ranks (1-based) over all values, ties sharing their mean rank
+    order = sorted(range(len(qs)), key=lambda i: qs[i])
+    ranks = [0.0] * len(qs)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and qs[order[j + 1]] == qs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    rank_sum = sum(r for r, y in zip(ranks, ys) if y == 1.0)
+    u = rank_sum - len(pos) * (len(pos) + 1) / 2
+    return u / (len(pos) * len(neg))
+
+
+def risk_coverage(confidences: Sequence[float], outcomes: Sequence[float | bool]) -> list[tuple[float, float, float]]:
+    """``(threshold, coverage, accuracy)`` for every distinct q, highest first: answering only when q >= the
+    threshold covers that share of the episodes with that accuracy (the risk-coverage curve)."""
+    qs, ys = _check_pairs(confidences, outcomes)
+    pairs = sorted(zip(qs, ys), key=lambda p: -p[0])
+    out: list[tuple[float, float, float]] = []
+    hits = 0.0
+    for i, (q, y) in enumerate(pairs):
+        hits += y
+        if i + 1 == len(pairs) or pairs[i + 1][0] != q:
+            out.append((q, (i + 1) / len(pairs), hits / (i + 1)))
+    return out
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k) (Chen et al., 2021)."""
+    if not 0 <= c <= n:
+        raise ValueError(f"pass_at_k: c={c} correct of n={n} samples is impossible")
+    if not 1 <= k <= n:
+        raise ValueError(f"pass_at_k: k={k} must be between 1 and the number of samples n={n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def bootstrap_interval(values: Sequence[float], n_boot: int = 2000, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (resampled with replacement)."""
+    xs = [float(v) for v in values]
+    if not xs:
+        raise ValueError("bootstrap_interval: no values")
+    if not 0 < level < 1:
+        raise ValueError(f"bootstrap_interval: level must be in (0, 1), got {level}")
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(xs, k=len(xs))) / len(xs) for _ in range(n_boot))
+    lo = means[int(math.floor((1 - level) / 2 * (n_boot - 1)))]
+    hi = means[int(math.ceil((1 + level) / 2 * (n_boot - 1)))]
+    return lo, hi
+
+
+def paired_difference(a: Mapping[str, float], b: Mapping[str, float], n_boot: int = 2000, level: float = 0.95,
+                      seed: int = 0) -> tuple[float, float, float, int]:
+    """``(mean of a[k] - b[k], interval low, interval high, pairs)`` over the keys both hold (tasks, or
+    task x seed), the interval by bootstrapping the paired differences."""
+    common = sorted(set(a) & set(b))
+    if not common:
+        raise ValueError("paired_difference: the two sides share no key (task)")
+    diffs = [float(a[k]) - float(b[k]) for k in common]
+    lo, hi = bootstrap_interval(diffs, n_boot, level, seed)
+    return sum(diffs) / len(diffs), lo, hi, len(common)

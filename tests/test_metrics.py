@@ -5,6 +5,11 @@ from __future__ import annotations
 import pytest
 
 from foresight_core.metrics import (
+    auroc,
+    bootstrap_interval,
+    paired_difference,
+    pass_at_k,
+    risk_coverage,
     brier_score,
     exact_match,
     expected_calibration_error,
@@ -90,3 +95,74 @@ def test_calibration_rejects_bad_input():
         brier_score([0.5], [0.5])
     with pytest.raises(ValueError, match="no \\(confidence"):
         brier_score([], [])
+
+
+def test_auroc_hand_worked():
+    assert auroc([0.9, 0.2, 0.6], [1, 0, 0]) == 1.0  # the success ranks above both failures
+    assert auroc([0.1, 0.9], [1, 0]) == 0.0
+    # pos {0.5, 0.8} vs neg {0.5, 0.1}: 0.5 (tie) + 1 + 1 + 1 = 3.5 of 4 pairs
+    assert auroc([0.5, 0.5, 0.8, 0.1], [1, 0, 1, 0]) == 0.875
+    assert auroc([0.3, 0.7], [1, 1]) is None  # one class: nothing to rank
+
+
+def test_auroc_and_brier_agree_with_scikit_learn():
+    import random
+
+    from sklearn.metrics import brier_score_loss, roc_auc_score
+
+    rng = random.Random(3)
+    for _ in range(20):
+        n = rng.randint(2, 60)
+        qs = [round(rng.random(), 1) for _ in range(n)]  # rounded: many ties
+        ys = [int(rng.random() < q) for q in qs]
+        if 0 < sum(ys) < n:
+            assert auroc(qs, ys) == pytest.approx(roc_auc_score(ys, qs))
+        assert brier_score(qs, ys) == pytest.approx(brier_score_loss(ys, qs))
+
+
+def test_ece_agrees_with_an_independent_numpy_implementation():
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        q = rng.random(40)
+        y = (rng.random(40) < q ** 2).astype(float)
+        idx = np.minimum((q * 10).astype(int), 9)
+        ece = sum(abs(y[idx == b].mean() - q[idx == b].mean()) * (idx == b).sum() / 40 for b in range(10)
+                  if (idx == b).any())
+        assert expected_calibration_error(q.tolist(), y.tolist()) == pytest.approx(ece)
+
+
+def test_pass_at_k_hand_worked_and_against_enumeration():
+    import itertools
+
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
+    assert pass_at_k(5, 0, 3) == 0.0 and pass_at_k(5, 4, 2) == 1.0
+    assert pass_at_k(3, 1, 3) == 1.0 and pass_at_k(3, 0, 3) == 0.0  # n = k: "any sample solved"
+    assert pass_at_k(4, 1, 1) == 0.25  # k = 1: the success rate
+    for n in range(1, 7):  # the estimator is the mean over every k-subset of "some sample in it is correct"
+        for c in range(n + 1):
+            outcomes = [1] * c + [0] * (n - c)
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations(outcomes, k))
+                assert pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets))
+    with pytest.raises(ValueError, match="k=4 must be between 1 and the number of samples n=3"):
+        pass_at_k(3, 1, 4)
+    with pytest.raises(ValueError, match="c=4 correct of n=3"):
+        pass_at_k(3, 4, 1)
+
+
+def test_risk_coverage_hand_worked():
+    # answering only at q >= 0.9: half the episodes, half right; >= 0.5: 3 of 4, 2 right; all: 2 of 4
+    assert risk_coverage([0.9, 0.9, 0.5, 0.2], [1, 0, 1, 0]) == [(0.9, 0.5, 0.5), (0.5, 0.75, 2 / 3), (0.2, 1.0, 0.5)]
+
+
+def test_bootstrap_and_paired_difference():
+    assert bootstrap_interval([0.4] * 10) == pytest.approx((0.4, 0.4))
+    lo, hi = bootstrap_interval([0, 1] * 50, seed=1)  # mean 0.5, standard error 0.05: about +-0.098
+    assert lo < 0.5 < hi and hi - lo == pytest.approx(0.196, abs=0.03)
+    assert bootstrap_interval([0, 1] * 50, seed=1) == (lo, hi)  # seeded: reproducible
+    diff, lo, hi, n = paired_difference({"t1": 1, "t2": 0, "t3": 1}, {"t1": 0, "t2": 0, "t4": 1})
+    assert (diff, n) == (0.5, 2) and 0.0 <= lo <= diff <= hi <= 1.0  # t1 +1, t2 0; t3 and t4 are not paired
+    with pytest.raises(ValueError, match="share no key"):
+        paired_difference({"a": 1}, {"b": 1})
