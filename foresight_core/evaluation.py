@@ -36,6 +36,7 @@ from foresight_core.config.envs import EnvsConfig
 from foresight_core.config.evaluation import EvalConfig
 from foresight_core.envs.base import Env
 from foresight_core.format import parse_turn
+from foresight_core.metrics import pass_at_k
 from foresight_core.scoring import episode_facts, summarise_episodes
 from foresight_core.rollout import Generation, Rollout, RolloutEngine, SamplingParams, play_group
 from foresight_core.types import Task
@@ -100,16 +101,20 @@ def _mean(xs: Sequence[float]) -> float:
 
 def summarise(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """Aggregate episode records of one benchmark and mode: ``scoring.summarise_episodes`` plus the task
-    score (k samples per task -> ``score`` = mean@k, ``pass_at_k`` = solved by any sample) and ``f1``."""
+    score: ``score`` = mean@k (each task's mean, averaged over tasks), ``pass_at_k`` = the unbiased
+    estimator at k = the fewest samples any task has (with n = k: solved by any sample), and ``f1``."""
     if not records:
         raise ValueError("summarise() needs at least one episode record")
     by_task: dict[str, list[Mapping[str, Any]]] = {}
     for rec in records:
         by_task.setdefault(rec["task_id"], []).append(rec)
-    return {**summarise_episodes(records), "tasks": float(len(by_task)),
-            "score": _mean([r["score"] for r in records]),  # mean@k
-            "pass_at_k": _mean([float(any(r["success"] for r in rs)) for rs in by_task.values()]),
-            "f1": _mean([r["f1"] for r in records])}
+    k = min(len(rs) for rs in by_task.values())  # every task has at least k samples
+    return {**summarise_episodes(records), "tasks": float(len(by_task)), "k": float(k),
+            # mean@k: each task's mean score, then the mean over tasks (a task weighs the same whatever its n)
+            "score": _mean([_mean([r["score"] for r in rs]) for rs in by_task.values()]),
+            # the unbiased estimator from each task's n samples (Chen et al., 2021), k = the fewest samples
+            "pass_at_k": _mean([pass_at_k(len(rs), sum(bool(r["success"]) for r in rs), k) for rs in by_task.values()]),
+            "f1": _mean([_mean([r["f1"] for r in rs]) for rs in by_task.values()])}
 
 
 # ---------------------------------------------------------------------------------------------

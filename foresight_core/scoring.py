@@ -18,7 +18,7 @@ import string
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from foresight_core.metrics import brier_score, expected_calibration_error
+from foresight_core.metrics import auroc, brier_score, expected_calibration_error
 
 _PUNCT = re.compile("[" + re.escape(string.punctuation) + "]")
 
@@ -119,6 +119,8 @@ def summarise_episodes(episodes: Sequence[Mapping[str, Any]]) -> dict[str, float
     for suffix, ps in (("", pairs), ("_first", first)):
         out["ece" + suffix] = expected_calibration_error([q for q, _ in ps], [o for _, o in ps]) if ps else math.nan
         out["brier" + suffix] = brier_score([q for q, _ in ps], [o for _, o in ps]) if ps else math.nan
+        area = auroc([q for q, _ in ps], [o for _, o in ps]) if ps else None
+        out["auroc" + suffix] = math.nan if area is None else area  # NaN: no pair, or one outcome only
     if all("finish" in e for e in episodes):
         for reason in FINISH_REASONS:
             out[f"finish/{reason}"] = _mean([float(e["finish"] == reason) for e in episodes])

@@ -33,6 +33,18 @@ def test_summarise_worked_example():
     # weighted: (0.1 + 0.8 + 0.2) / 3 = 0.3667
     assert m["ece"] == pytest.approx(1.1 / 3)
     assert m["confidence_rate"] == pytest.approx(3 / 4)
+    # AUROC over the 3 stated q: the success (0.9) ranks above both failures (0.8, 0.2)
+    assert m["auroc"] == 1.0 and m["k"] == 2
+
+
+def test_summarise_with_unequal_samples_weighs_tasks_and_estimates_pass_at_k_without_bias():
+    # task a: 4 samples, 1 solved; task b: 2 samples, none solved -> k = 2
+    records = [rec("a", True, [0.9]), rec("a", False, [0.5]), rec("a", False, [0.5]), rec("a", False, [0.5]),
+               rec("b", False, [0.1]), rec("b", False, [0.1])]
+    m = summarise(records)
+    assert m["k"] == 2
+    assert m["score"] == pytest.approx((1 / 4 + 0) / 2)  # per task, then over tasks (not 1 of 6 episodes)
+    assert m["pass_at_k"] == pytest.approx((1 - 3 / 6) / 2)  # a: 1 - C(3,2)/C(4,2) = 0.5; b: 0
 
 
 def test_summarise_without_confidence_is_nan_not_perfect():
