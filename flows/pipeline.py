@@ -196,7 +196,7 @@ def evaluate(cfg: PipelineConfig, refs: dict[str, str], parent_run_id: str | Non
 
     ref = run_eval_stage(cfg, starting_model("eval", refs), corpus_uri(cfg, refs), parent_run_id=parent_run_id)
     out = {"eval.run_id": str(ref["run_id"]), "eval.reused": str(ref["reused"]).lower()}
-    for k in ("avg/direct/score", "avg/planning/score"):
+    for k in ("avg/direct/score", "avg/planning/score", "avg/planning_random/score"):
         if k in ref["metrics"]:
             out[f"eval.{k}"] = f"{ref['metrics'][k]:.4f}"
     return out
@@ -320,7 +320,8 @@ def retrain(preset: str | None = None, overrides: dict[str, Any] | None = None,
 
 
 # the metrics of an eval run that make the ablation table's columns
-TABLE_COLUMNS = ("score", "pass_at_k", "format_rate", "ece_first", "brier_first", "grounding_rate", "gen_tokens")
+TABLE_COLUMNS = ("score", "pass_at_k", "format_rate", "ece_first", "brier_first", "auroc_first", "grounding_rate",
+                 "gen_tokens", "candidate_tokens")
 
 
 @flow(name="ablation", log_prints=True)
@@ -356,7 +357,7 @@ def ablation(cfg: PipelineConfig, table: AblationConfig) -> dict[str, Any]:
 def ablation_columns(metrics: Mapping[str, float]) -> dict[str, float]:
     """``avg/<mode>/score`` plus, per mode, each table column averaged over the benchmarks."""
     out: dict[str, float] = {}
-    for mode in ("direct", "planning"):
+    for mode in ("direct", "planning", "planning_random"):
         for col in TABLE_COLUMNS:
             vals = [v for k, v in metrics.items() if k.endswith(f"/{mode}/{col}") and not k.startswith("avg/")]
             if vals:

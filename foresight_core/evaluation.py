@@ -27,6 +27,7 @@ Pure science: imports no Ray, Prefect or MLflow; the Ray Data adapter is ``tasks
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -49,13 +50,19 @@ class PlanSelectingEngine:
     """Wraps an engine: each prompt gets K sampled candidates; the best well-formed one by confidence is returned.
 
     Ties go to the earlier candidate; when no candidate is well formed the first one is returned, so a
-    model that cannot write the format is scored as it is rather than rescued.
+    model that cannot write the format is scored as it is rather than rescued. ``selection="random"`` is
+    the control: a uniform pick among the finished candidates (seeded), the same K and the same cost, so
+    a gain of planning over it is the stated q's doing, not best-of-K sampling's.
     """
 
-    def __init__(self, engine: RolloutEngine, tokenizer: Any, k: int, temperature: float) -> None:
+    def __init__(self, engine: RolloutEngine, tokenizer: Any, k: int, temperature: float,
+                 selection: str = "confidence", seed: int = 0) -> None:
         if k < 2:
             raise ValueError(f"plan selection needs k >= 2 candidates, got {k}")
+        if selection not in ("confidence", "random"):
+            raise ValueError(f"plan selection is 'confidence' or 'random', got {selection!r}")
         self.engine, self.tokenizer, self.k, self.temperature = engine, tokenizer, k, temperature
+        self.selection, self.rng = selection, random.Random(seed)
         self.shares_weights = getattr(engine, "shares_weights", True)
         self.candidates_generated = 0
 
@@ -66,7 +73,10 @@ class PlanSelectingEngine:
         sampled = replace(params, temperature=self.temperature)
         gens = self.engine.generate([p for p in prompts for _ in range(self.k)], sampled)
         self.candidates_generated += sum(len(g.token_ids) for g in gens)
-        return [select_plan(gens[i * self.k:(i + 1) * self.k], self.tokenizer) for i in range(len(prompts))]
+        groups = [gens[i * self.k:(i + 1) * self.k] for i in range(len(prompts))]
+        if self.selection == "random":
+            return [self.rng.choice([g for g in group if g.finished] or group[:1]) for group in groups]
+        return [select_plan(group, self.tokenizer) for group in groups]
 
 
 def select_plan(candidates: Sequence[Generation], tokenizer: Any) -> Generation:
@@ -127,8 +137,10 @@ def play_tasks(engine: RolloutEngine, bridge: Any, make_env: Callable[[Task], En
     """k samples of every (benchmark, task), ``cfg.batch_size`` episodes at a time; one record per episode,
     with its benchmark. Benchmarks share batches: on a CPU one batch of 2n episodes costs ~1.3x one of n.
     ``on_progress(episodes done, episodes, turn)``: after every turn (a progress display)."""
-    if mode == "planning":
-        engine = PlanSelectingEngine(engine, bridge.tokenizer, cfg.plan_candidates, cfg.plan_temperature)
+    planner = None
+    if mode in ("planning", "planning_random"):
+        planner = engine = PlanSelectingEngine(engine, bridge.tokenizer, cfg.plan_candidates, cfg.plan_temperature,
+                                               selection="random" if mode == "planning_random" else "confidence")
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
     k = cfg.samples_per_task
     per_batch = max(1, cfg.batch_size // k)
@@ -137,15 +149,23 @@ def play_tasks(engine: RolloutEngine, bridge: Any, make_env: Callable[[Task], En
         chunk = list(tasks[b:b + per_batch])
         report = None if on_progress is None else \
             (lambda done, _, turn, before=len(records): on_progress(before + done, len(tasks) * k, turn))
+        before = planner.candidates_generated if planner else 0
         rollouts = play_group(engine, bridge, make_env, [t for _, t in chunk], k, params, cfg.turn_format,
                               max_turns=cfg.max_turns, max_context_tokens=cfg.max_context_tokens, on_progress=report)
-        records += [episode_record(r, chunk[i // k][0], mode, i % k) for i, r in enumerate(rollouts)]
+        batch = [episode_record(r, chunk[i // k][0], mode, i % k) for i, r in enumerate(rollouts)]
+        if planner is not None:  # every candidate's tokens, kept or not: the cost of planning, per episode
+            share = (planner.candidates_generated - before) / max(1, len(batch))
+            for record in batch:
+                record["candidate_tokens"] = share
+        records += batch
     return records
 
 
 def modes(cfg: EvalConfig) -> list[str]:
-    """Decoding modes this config asks for: direct always; planning with K > 1 in the foresight format."""
-    return ["direct"] + (["planning"] if cfg.plan_candidates > 1 and cfg.turn_format == "foresight" else [])
+    """Decoding modes this config asks for: direct always; with K > 1 in the foresight format, planning (act on
+    the candidate with the highest stated q) and its control, planning_random (a random one of the K)."""
+    planning = cfg.plan_candidates > 1 and cfg.turn_format == "foresight"
+    return ["direct"] + (["planning", "planning_random"] if planning else [])
 
 
 def evaluate_sets(engine: RolloutEngine, bridge: Any, eval_sets: Mapping[str, Sequence[Task]], cfg: EvalConfig,

@@ -121,6 +121,8 @@ def summarise_episodes(episodes: Sequence[Mapping[str, Any]]) -> dict[str, float
         out["brier" + suffix] = brier_score([q for q, _ in ps], [o for _, o in ps]) if ps else math.nan
         area = auroc([q for q, _ in ps], [o for _, o in ps]) if ps else None
         out["auroc" + suffix] = math.nan if area is None else area  # NaN: no pair, or one outcome only
+    if all("candidate_tokens" in e for e in episodes):  # test-time planning: all K candidates' tokens
+        out["candidate_tokens"] = _mean([float(e["candidate_tokens"]) for e in episodes])
     if all("finish" in e for e in episodes):
         for reason in FINISH_REASONS:
             out[f"finish/{reason}"] = _mean([float(e["finish"] == reason) for e in episodes])

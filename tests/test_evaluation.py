@@ -96,10 +96,17 @@ def test_plan_selecting_engine_batches_k_candidates(tokenizer):
     assert "<answer>2</answer>" in texts[0] and "<answer>5</answer>" in texts[1]  # q 0.3 is the best of each three
     with pytest.raises(ValueError):
         PlanSelectingEngine(Scripted(), tokenizer, k=1, temperature=1.0)
+    # the control: a seeded uniform pick among the same K candidates, blind to q
+    picks = {tokenizer.decode(PlanSelectingEngine(Scripted(), tokenizer, k=3, temperature=1.0, selection="random",
+                                                  seed=s).generate([[1], [2]], SamplingParams())[0].token_ids,
+                              skip_special_tokens=True).split("<answer>")[1][0] for s in range(12)}
+    assert len(picks) > 1  # not always the best by q
+    with pytest.raises(ValueError, match="'confidence' or 'random'"):
+        PlanSelectingEngine(Scripted(), tokenizer, k=2, temperature=1.0, selection="best")
 
 
 def test_modes():
-    assert modes(EvalConfig(plan_candidates=4)) == ["direct", "planning"]
+    assert modes(EvalConfig(plan_candidates=4)) == ["direct", "planning", "planning_random"]
     assert modes(EvalConfig(plan_candidates=1)) == ["direct"]
     assert modes(EvalConfig(plan_candidates=4, turn_format="plain")) == ["direct"]
 
@@ -122,11 +129,15 @@ def test_tiny_model_plays_held_out_search_and_math():
     search = make_search_world_tasks(world, 2, envs_cfg.search_world.question_mix, seed=2, split="eval")
     cfg = EvalConfig(max_new_tokens=16, plan_candidates=2, samples_per_task=2, temperature=1.0, batch_size=8)
     report = evaluate_sets(HFEngine(model, tok), ChatBridge(tok), {"search_world": search}, cfg, envs_cfg)
-    assert set(report["search_world"]) == {"direct", "planning"}
+    assert set(report["search_world"]) == {"direct", "planning", "planning_random"}
     m = report["search_world"]["direct"]
     assert m["episodes"] == 4 and m["tasks"] == 2
     assert 0.0 <= m["format_rate"] <= 1.0 and 0.0 <= m["score"] <= 1.0
-    assert len(report["records"]) == 8  # 2 tasks x 2 samples x 2 modes
+    assert len(report["records"]) == 12  # 2 tasks x 2 samples x 3 modes
+    for mode in ("planning", "planning_random"):  # the cost of K candidates, counted whether kept or not
+        plan = report["search_world"][mode]
+        assert plan["candidate_tokens"] >= plan["gen_tokens"] > 0
+    assert "candidate_tokens" not in m
     flat = flat_metrics(report)
     assert "search_world/direct/score" in flat and "avg/planning/score" in flat
 
