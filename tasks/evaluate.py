@@ -42,8 +42,8 @@ from tasks.train import StageInputError, local_model_dir
 
 STAGE = "eval"
 # the science evaluation runs (the agent loop and scoring, the environments, the model loader, the GPU engine)
-ENTRIES = ("foresight_core.evaluation", "foresight_core.promotion", "foresight_core.envs", "foresight_core.models",
-           "foresight_core.vllm_engine")
+ENTRIES = ("foresight_core.evaluation", "foresight_core.promotion", "foresight_core.plots", "foresight_core.envs",
+           "foresight_core.models", "foresight_core.vllm_engine")
 TASK_SCORES = "eval_task_scores.json"
 """Artifact of every eval run: ``{mode: {"<benchmark>/<task id>": mean score}}``, what promotion pairs."""
 
@@ -114,6 +114,26 @@ class EvalWorker:
         return {"record": [json.dumps(r) for r in records], "seconds": [seconds] * len(records)}
 
 
+def log_calibration_plots(tracker: MlflowTracker, records: list[dict[str, Any]]) -> None:
+    """A reliability diagram and a risk-coverage curve per benchmark and mode, from each episode's first
+    stated confidence (the ``*_first`` metrics), as PNG artifacts under ``plots/``."""
+    import tempfile
+
+    from foresight_core.plots import reliability_diagram, risk_coverage_plot
+
+    groups: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for r in records:
+        if r["confidences"] and r["confidences"][0] is not None:
+            groups.setdefault((r["benchmark"], r["mode"]), []).append((r["confidences"][0], float(r["success"])))
+    with tempfile.TemporaryDirectory() as tmp:
+        for (bench, mode), pairs in sorted(groups.items()):
+            qs, ys = [q for q, _ in pairs], [y for _, y in pairs]
+            for kind, draw in (("reliability", reliability_diagram), ("risk_coverage", risk_coverage_plot)):
+                path = Path(tmp) / f"{bench}_{mode}_{kind}.png".replace("/", "_")
+                path.write_bytes(draw(qs, ys, title=f"{bench} / {mode}"))
+                tracker.log_artifact(str(path), "plots")
+
+
 def run_eval_stage(cfg: PipelineConfig, model_uri: str | None, corpus_uri: str,
                    parent_run_id: str | None = None) -> dict[str, Any]:
     """Evaluate (or reuse the evaluation of) ``model_uri`` on the corpus's held-out sets.
@@ -169,6 +189,7 @@ def run_eval_stage(cfg: PipelineConfig, model_uri: str | None, corpus_uri: str,
         tracker.log_metrics({**metrics, "compute_s": compute_s})
         tracker.log_dict(report, "eval_report.json")
         tracker.log_dict({mode: task_scores(records, mode) for mode in modes(cfg.eval)}, TASK_SCORES)
+        log_calibration_plots(tracker, records)
         sample = [r for name in sets for r in records if r["benchmark"] == name][:cfg.eval.sample_rows * len(sets)]
         if sample:
             tracker.log_table([{k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in r.items()}
