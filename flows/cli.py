@@ -7,6 +7,8 @@
     foresight presets                                   # the checked-in presets
     foresight serve --preset laptop --cron "0 3 * * 0"  # deployments with a retraining schedule
     foresight ablate --preset tiny                      # METHOD.md's ablation table in one flow run
+    foresight eval --model models:/foresight-laptop@champion --benchmark nq=nq.jsonl,corpus=wiki.jsonl
+                                                        # any model on benchmark files: no corpus, no training
 
 Every command that takes a config takes ``--preset NAME`` or ``--config FILE`` plus repeatable
 ``--set key.path=value``; the environment variables of ``foresight_core.config.load`` apply too.
@@ -48,7 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
         "as Prefect flows on Ray, recorded in MLflow (arXiv 2606.27483).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command, stage in STAGE_COMMANDS.items():
-        sub.add_parser(command, parents=[config_args], help=STAGE_HELP[stage], description=STAGE_HELP[stage])
+        stage_parser = sub.add_parser(command, parents=[config_args], help=STAGE_HELP[stage],
+                                      description=STAGE_HELP[stage])
+        if command == "eval":
+            stage_parser.add_argument("--model", help="evaluate this model alone, no corpus and no training: an MLflow "
+                                      "model URI (runs:/..., models:/foresight-laptop@champion), a local Hugging Face "
+                                      "folder, or 'base'")
+            stage_parser.add_argument("--benchmark", action="append", default=[], metavar="NAME=PATH[,corpus=P][,kind=K]",
+                                      help="a benchmark file in its public format (Search-R1 QA with corpus= its "
+                                      "passages, or kind=math for AIME-style rows), local or s3:// (repeatable)")
     sub.add_parser("run", parents=[config_args], help="the whole pipeline flow: the stages in `stages` "
                    "that are installed, finished ones reused")
     ablate = sub.add_parser("ablate", parents=[config_args], help="the method's ablation table in one flow run: "
@@ -294,6 +304,19 @@ def main(argv: list[str] | None = None) -> int:
         _summary(cfg, {"ablation.run_id": out["ablation.run_id"]})
         return 0
 
+    if args.command == "eval" and (args.model or args.benchmark):
+        if not args.benchmark:
+            return _fail("eval --model needs at least one --benchmark NAME=PATH[,corpus=...][,kind=...]")
+        from foresight_core.config.envs import parse_benchmark
+
+        try:
+            for spec in args.benchmark:
+                parse_benchmark(spec)
+        except ValueError as e:
+            return _fail(str(e))
+        refs = flows.evaluate_model(model=args.model or "base", benchmarks=list(args.benchmark), cfg=cfg)
+        _summary(cfg, refs)
+        return 0
     cfg = cfg.model_copy(update={"stages": stages_for(args.command, cfg)})
     refs = flows.build_corpus(cfg=cfg) if args.command == "corpus" else flows.pipeline(cfg=cfg)
     _summary(cfg, refs)

@@ -195,11 +195,26 @@ def evaluate(cfg: PipelineConfig, refs: dict[str, str], parent_run_id: str | Non
     from tasks.evaluate import run_eval_stage
 
     ref = run_eval_stage(cfg, starting_model("eval", refs), corpus_uri(cfg, refs), parent_run_id=parent_run_id)
+    return _eval_refs(ref)
+
+
+def _eval_refs(ref: dict[str, Any]) -> dict[str, str]:
     out = {"eval.run_id": str(ref["run_id"]), "eval.reused": str(ref["reused"]).lower()}
     for k in ("avg/direct/score", "avg/planning/score", "avg/planning_random/score"):
         if k in ref["metrics"]:
             out[f"eval.{k}"] = f"{ref['metrics'][k]:.4f}"
     return out
+
+
+@task(name="eval_files", cache_policy=NO_CACHE)
+def evaluate_files(cfg: PipelineConfig, model: str | None, benchmarks: list[str],
+                   parent_run_id: str | None) -> dict[str, str]:
+    """Any model on benchmark files given now: no corpus, no training; the eval run names the model it scored."""
+    from foresight_core.config.envs import parse_benchmark
+    from tasks.evaluate import benchmark_task_uris, run_eval_stage
+
+    uris = benchmark_task_uris(cfg, [parse_benchmark(b) for b in benchmarks])
+    return _eval_refs(run_eval_stage(cfg, model, parent_run_id=parent_run_id, task_uris=uris))
 
 
 STAGE_TASKS: dict[str, Any] = {"corpus": corpus, "wm_amt": wm_amt, "fe_sft": fe_sft, "fc_rl": fc_rl, "eval": evaluate}
@@ -290,6 +305,38 @@ def pipeline(preset: str | None = None, overrides: dict[str, Any] | None = None,
     """
     config = flow_config(preset, overrides, cfg)
     return _run_stages(config, list(config.stages), run_name=f"{config.name}-pipeline")
+
+
+@flow(name="evaluate_model", log_prints=True)
+def evaluate_model(model: str = "base", benchmarks: list[str] | None = None, preset: str | None = None,
+                   overrides: dict[str, Any] | None = None, cfg: PipelineConfig | None = None) -> dict[str, str]:
+    """Evaluate any model on benchmark files, without building a corpus or training anything.
+
+    Args:
+        model: An MLflow model URI (runs:/..., models:/name@champion), a local Hugging Face folder, or "base"
+            (the config's base model).
+        benchmarks: Files in their public format: "NAME=PATH[,corpus=PASSAGES][,kind=search_qa|math][,limit=N]".
+        preset: A preset name for the evaluation settings (default laptop). Not with ``cfg``.
+        overrides: Dotted config paths to values, applied last, e.g. {"eval.max_turns": 6}.
+        cfg: A whole pipeline config instead of a preset (the typed form).
+    """
+    from foresight_core.config.envs import parse_benchmark
+
+    config = flow_config(preset, overrides, cfg)
+    if not benchmarks:
+        raise ConfigError("evaluate_model: give at least one benchmark (NAME=PATH[,corpus=...][,kind=...])")
+    for spec in benchmarks:  # every spec checked before any work
+        try:
+            parse_benchmark(spec)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    setup_env(config)
+    with mlflow_run(config, f"{config.name}-evaluate_model", stage="pipeline",
+                    tags={"prefect.flow_run_id": str(flow_run.id), "foresight.stages": "eval"}) as parent:
+        refs = {"pipeline.run_id": parent.run_id,
+                **evaluate_files(config, None if model == "base" else model, list(benchmarks), parent.run_id)}
+        parent.log_dict(refs, "refs.json")
+    return refs
 
 
 def scheduled_date() -> str:

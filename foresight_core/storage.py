@@ -56,6 +56,7 @@ class WorkDir:
     """The layout of ``<work_dir>``, named once:
 
         corpus/<key>/       the corpus folders (datasets + manifest.json), one per corpus key
+        benchmarks/<key>/   benchmark files given at eval time, as task files (+ manifest.json)
         ray/                Ray Train's storage: checkpoints of every training stage
         mlflow.db           the embedded MLflow store (sqlite), local work dirs only
         mlartifacts/        its artifacts (models, reports)
@@ -72,6 +73,9 @@ class WorkDir:
 
     def corpus(self, key: str) -> str:
         return join_uri(self.uri, "corpus", key)
+
+    def benchmarks(self, key: str) -> str:
+        return join_uri(self.uri, "benchmarks", key)
 
     @property
     def ray(self) -> str:

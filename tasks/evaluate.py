@@ -18,6 +18,7 @@ What one call does:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -29,6 +30,7 @@ from typing import Any
 
 from foresight_core.capability import held_out_task_uris
 from foresight_core.config import PipelineConfig
+from foresight_core.config.envs import BenchmarkSource
 from foresight_core.evaluation import flat_metrics, modes, summarise
 from foresight_core.promotion import task_scores
 from foresight_core.storage import sha256_file
@@ -134,15 +136,42 @@ def log_calibration_plots(tracker: MlflowTracker, records: list[dict[str, Any]])
                 tracker.log_artifact(str(path), "plots")
 
 
-def run_eval_stage(cfg: PipelineConfig, model_uri: str | None, corpus_uri: str,
-                   parent_run_id: str | None = None) -> dict[str, Any]:
+def benchmark_task_uris(cfg: PipelineConfig, sources: list[BenchmarkSource]) -> list[str]:
+    """Benchmark files given at eval time, as task files of their own: each read by its loader (a bad row
+    is an error naming the file, the row and the field), written once under
+    ``<work_dir>/benchmarks/<key>/<name>.jsonl`` with a manifest, keyed by the sources and their files' sha256."""
+    from foresight_core.corpus import benchmark_tasks
+    from foresight_core.storage import DatasetWriter, WorkDir, join_uri, load_manifest
+
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise StageInputError(f"--benchmark: a name is used twice: {names}")
+    storage = cfg.infra.storage
+    ident = [{**s.model_dump(mode="json"), "sha256": sha256_file(s.path, storage)} for s in sources]
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    out = WorkDir(cfg.work_dir).benchmarks(key)
+    if load_manifest(out, storage) is None:
+        with DatasetWriter(out, storage) as w:
+            for src in sources:
+                tasks, _ = benchmark_tasks(src, cfg)
+                if not tasks:
+                    raise StageInputError(f"{src.path}: no usable row in benchmark {src.name!r}")
+                w.write_rows(f"{src.name}.jsonl", [t.to_dict() for t in tasks])
+            w.commit({"stage": "benchmarks", "sources": ident})
+    return [join_uri(out, f"{name}.jsonl") for name in names]
+
+
+def run_eval_stage(cfg: PipelineConfig, model_uri: str | None, corpus_uri: str | None = None,
+                   parent_run_id: str | None = None, task_uris: list[str] | None = None) -> dict[str, Any]:
     """Evaluate (or reuse the evaluation of) ``model_uri`` on the corpus's held-out sets.
 
     Returns the stage reference (``tasks.stage``) with ``metrics`` flattened as
     ``<benchmark>/<mode>/<metric>``."""
     setup_env(cfg)
     storage = cfg.infra.storage
-    uris = held_out_task_uris(corpus_uri, storage)
+    if (corpus_uri is None) == (task_uris is None):
+        raise ValueError("run_eval_stage: give the corpus (its eval/* sets) or task files, one of the two")
+    uris = list(task_uris) if task_uris is not None else held_out_task_uris(str(corpus_uri), storage)
     if not uris:
         raise StageInputError(f"{corpus_uri}: the corpus has no eval/* task sets (or no complete manifest)")
     sets = {Path(u).stem: load_tasks(u, cfg) for u in uris}

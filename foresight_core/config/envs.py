@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -48,6 +48,26 @@ class BenchmarkSource(StrictModel):
     """For search_qa: the passage corpus (JSONL with id, contents) searched with BM25."""
     limit: int | None = Field(default=None, ge=1)
     """Use at most this many rows."""
+
+
+def parse_benchmark(spec: str) -> BenchmarkSource:
+    """``"nq=data/nq.jsonl,corpus=wiki.jsonl,kind=search_qa,limit=100"`` -> a ``BenchmarkSource`` (kind:
+    search_qa by default; math for AIME-style rows). Raises ``ValueError`` saying what is wrong."""
+    head, _, rest = spec.partition(",")
+    name, eq, path = head.partition("=")
+    if not eq or not name.strip() or not path.strip():
+        raise ValueError(f"--benchmark {spec!r}: expected NAME=PATH[,corpus=PASSAGES][,kind=search_qa|math][,limit=N]")
+    fields: dict[str, Any] = {"name": name.strip(), "path": path.strip(), "kind": "search_qa"}
+    keys = {"corpus": "corpus_path", "kind": "kind", "limit": "limit"}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or key.strip() not in keys:
+            raise ValueError(f"--benchmark {spec!r}: unknown option {item!r}; options: corpus=, kind=, limit=")
+        fields[keys[key.strip()]] = value.strip()
+    try:
+        return BenchmarkSource.model_validate(fields)
+    except ValueError as e:
+        raise ValueError(f"--benchmark {spec!r}: {e}") from None
 
 
 class SearchQAConfig(StrictModel):

@@ -53,12 +53,12 @@ from foresight_core.corpus.calibration import (N_BINS, calibration_pairs, calibr
 from foresight_core.corpus.collect import (CollectStats, MemoEnv, Rollouts, batches_by_task, behaviour_policy,
                                            collect_item, collect_items, sequential_map, state_key)
 from foresight_core.corpus.key import code_version, corpus_key, corpus_uri
-from foresight_core.corpus.plan import CorpusPlan, eval_sets, item_seed, plan_corpus, train_tasks
+from foresight_core.corpus.plan import CorpusPlan, benchmark_tasks, eval_sets, item_seed, plan_corpus, train_tasks
 from foresight_core.corpus.write import Manifest, corpus_summary, general_text_rows, row_text, write_corpus
 from foresight_core.scoring import occurs
 
 __all__ = ["MAX_KEYWORDS", "N_BINS", "CollectStats", "CorpusPlan", "Manifest", "MapFn", "MemoEnv", "Rollouts",
-           "annotate_step", "batches_by_task", "behaviour_policy", "build_corpus", "calibration_pairs",
+           "annotate_step", "batches_by_task", "benchmark_tasks", "behaviour_policy", "build_corpus", "calibration_pairs",
            "calibration_report", "code_version", "collect_item", "collect_items", "corpus_key", "corpus_summary",
            "corpus_uri", "entities", "eval_sets", "final_answers", "first_seen", "future_text", "gap_analysis",
            "general_text_rows", "item_seed", "keywords", "known_text", "numbers", "occurs", "plan_corpus",

@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from foresight_core.config.envs import BenchmarkSource
 from foresight_core.config.pipeline import PipelineConfig
 from foresight_core.types import Task
 
@@ -66,22 +67,29 @@ def eval_sets(cfg: PipelineConfig) -> tuple[dict[str, list[Task]], dict[str, dic
         from foresight_core.envs.math import load_gsm_symbolic_tasks
         m = cfg.envs.math
         sets["gsm_symbolic"] = load_gsm_symbolic_tasks(cfg.corpus.n_eval_tasks, m.seed, "eval", m.eval_template_share)
-    from foresight_core.envs.loaders import load_math_jsonl, load_search_qa
-    opts = cfg.infra.storage.storage_options()
     for src in cfg.envs.search_qa.sources:
         if src.name in sets:
             raise ValueError(f"envs.search_qa.sources: benchmark name {src.name!r} is used twice")
-        loader = load_search_qa if src.kind == "search_qa" else load_math_jsonl
-        tasks, report = loader(src.path, src.name, limit=src.limit, skip_bad_rows=cfg.corpus.skip_bad_rows,
-                               storage_options=opts if src.path.startswith("s3://") else None)
-        for t in tasks:
-            t.meta["benchmark"] = src.name
-            if src.corpus_path:
-                t.meta["corpus_path"] = src.corpus_path
-        sets[src.name] = tasks
-        reports[src.name] = {"path": report.path, "rows_read": report.rows_read,
-                             "rows_skipped": report.rows_skipped, "reasons": report.reasons[:10]}
+        sets[src.name], reports[src.name] = benchmark_tasks(src, cfg)
     return sets, reports
+
+
+def benchmark_tasks(src: BenchmarkSource, cfg: PipelineConfig) -> tuple[list[Task], dict[str, Any]]:
+    """The tasks of one benchmark file in its public format (Search-R1 QA or AIME-style maths), tagged with
+    their benchmark and passage corpus, and the loader's report. A malformed row raises ``LoaderError``
+    naming the file, the row and the field (``corpus.skip_bad_rows`` skips and counts them instead)."""
+    from foresight_core.envs.loaders import load_math_jsonl, load_search_qa
+
+    opts = cfg.infra.storage.storage_options()
+    loader = load_search_qa if src.kind == "search_qa" else load_math_jsonl
+    tasks, report = loader(src.path, src.name, limit=src.limit, skip_bad_rows=cfg.corpus.skip_bad_rows,
+                           storage_options=opts if src.path.startswith("s3://") else None)
+    for t in tasks:
+        t.meta["benchmark"] = src.name
+        if src.corpus_path:
+            t.meta["corpus_path"] = src.corpus_path
+    return tasks, {"path": report.path, "rows_read": report.rows_read, "rows_skipped": report.rows_skipped,
+                   "reasons": report.reasons[:10]}
 
 
 def item_seed(cfg: PipelineConfig, task: Task, rollout: int) -> int:
