@@ -283,5 +283,7 @@ def start_stack(root: Path) -> Stack:
         for svc in st.services.values():
             print(f"--- {svc.name} log ---\n{svc.tail(30)}", file=sys.stderr)
         st.stop()
+        shutil.rmtree(st.ray_temp, ignore_errors=True)
+        shutil.rmtree(st.pg_home, ignore_errors=True)
         raise
     return st
