@@ -67,6 +67,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: paper_table)")
     ablate.add_argument("--only", action="append", default=[], metavar="VARIANT",
                         help="run only these variants (repeatable)")
+    ablate.add_argument("--seeds", default=None, metavar="S,S,...",
+                        help="seeds every row runs at (default: the table's, 0,1,2)")
+    ablate.add_argument("--plan", action="store_true", help="print the rows, the shared stages and the estimated "
+                        "GPU hours, and run nothing")
+    ablate.add_argument("--params", type=float, default=None, metavar="N",
+                        help="model parameters for the GPU-hour estimate (default: read from the model name)")
+    ask = sub.add_parser("ask", parents=[config_args], help="ask the trained agent one question and watch it "
+                         "think: each turn's imagined plan, keywords, confidence, action and observation")
+    ask.add_argument("question", help="the question")
+    ask.add_argument("--model", default=None, help="a registered agent (models:/NAME@ALIAS, models:/NAME/VERSION), a "
+                     "run's weights (runs:/RUN/model), a local Hugging Face folder, or 'base' (default: the config's "
+                     "champion, models:/foresight-<preset>@champion)")
+    ask.add_argument("--env", choices=["search", "math"], default="search", help="the tool: search or python")
+    ask.add_argument("--passages", default=None, help="a passages file to search instead of the agent's own")
+    ask.add_argument("--max-turns", type=int, default=None, help="turns (default: serve.max_turns)")
+    ask.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: serve.temperature)")
+    ask.add_argument("--plan", type=int, default=None, metavar="K", help="test-time planning: K candidate turns, "
+                     "act on the most confident")
+    ask.add_argument("--min-confidence", type=float, default=None, help="abstain below this final confidence")
     config = sub.add_parser("config", help="inspect a resolved config")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     config_sub.add_parser("show", parents=[config_args], help="print the resolved config (credentials masked)")
@@ -82,6 +101,86 @@ def build_parser() -> argparse.ArgumentParser:
 def _fail(message: str) -> int:
     print(f"foresight: error: {message}", file=sys.stderr)
     return 2
+
+
+def _show_turn(n: int, turn: Mapping[str, Any]) -> None:
+    """One turn of `foresight ask`, as it is played."""
+    def line(label: str, text: Any, width: int = 400) -> None:
+        if text not in (None, "", []):
+            text = "; ".join(text) if isinstance(text, list) else str(text)
+            text = " ".join(text.split()) if label != "code" else text
+            print(f"  {label:<11} {text if len(text) <= width else text[:width] + ' ...'}")
+
+    print(f"turn {n}{'' if turn['valid'] else '  (malformed: ' + str(turn['reason']) + ')'}")
+    line("imagine", turn["imaginary"])
+    line("keywords", turn["keywords"])
+    line("analysis", turn["analysis"])
+    line("confidence", None if turn["confidence"] is None else f"{turn['confidence']:.2f}")
+    line("think", turn["think"])
+    action = turn["action"]
+    if action:
+        line("code" if action["kind"] == "python" else action["kind"], action["content"])
+    line("observes", turn["observation"])
+    if not turn["valid"]:
+        line("wrote", turn.get("text"), 300)
+    sys.stdout.flush()
+
+
+def _ask(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    """`foresight ask`: one question, each turn shown as it is played, then the answer and its confidence."""
+    from foresight_core.serving import RequestError
+    from tasks.runtime import setup_env
+
+    setup_env(cfg)
+    from tasks.serving import load_agent
+
+    try:
+        agent = load_agent(cfg, args.model, args.passages)
+    except Exception as e:  # noqa: BLE001 -- a missing model / registry / file: say which, no traceback
+        return _fail(f"cannot load the agent {args.model or '(the champion)'}: {type(e).__name__}: {e}")
+    settings = {"max_turns": args.max_turns, "temperature": args.temperature, "plan_candidates": args.plan,
+                "min_confidence": args.min_confidence}
+    turns = [0]
+
+    def on_turn(_: int, turn: Mapping[str, Any]) -> None:
+        turns[0] += 1
+        _show_turn(turns[0], turn)
+
+    try:
+        out = agent.predict([{"question": args.question, "env": args.env, **settings}], on_turn=on_turn)[0]
+    except RequestError as e:
+        return _fail(str(e))
+    if "error" in out and len(out) == 1:
+        return _fail(out["error"])
+    q = "no confidence stated" if out["confidence"] is None else f"confidence {out['confidence']:.2f}"
+    if out["abstained"]:
+        print(f"answer: {out['answer']}  ({q}; it would have said {out['proposed_answer']!r})")
+    else:
+        print(f"answer: {out['answer'] if out['answer'] is not None else '(none: ' + out['finish'] + ')'}  ({q})")
+    print(f"tokens: {out['tokens']}" + (f" (+{out['candidate_tokens']:.0f} planning candidates)"
+                                        if out["candidate_tokens"] else ""))
+    return 0
+
+
+def _missing_gpus(cfg: PipelineConfig, table: Any) -> str | None:
+    """Why the table cannot run here (its config asks for GPUs this machine lacks), or None."""
+    from foresight_core.config.ablation import apply_variant
+
+    wants = set()
+    for v in table.variants:
+        vcfg = apply_variant(cfg, v)
+        for stage in ("wm_amt", "fe_sft", "fc_rl"):
+            if stage in v.stages and getattr(vcfg, stage).scaling.use_gpu:
+                wants.add(f"{stage}.scaling.use_gpu")
+        if "eval" in v.stages and vcfg.eval.engine == "vllm":
+            wants.add("eval.engine=vllm")
+    if not wants:
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    return f"this config needs GPUs ({', '.join(sorted(wants))}) and this machine has none"
 
 
 def stages_for(command: str, cfg: PipelineConfig) -> list[str]:
@@ -282,10 +381,30 @@ def main(argv: list[str] | None = None) -> int:
                     raise ConfigError(f"--only: unknown variants {unknown}; the table has "
                                       f"{[v.name for v in table.variants]}")
                 table = table.model_copy(update={"variants": [v for v in table.variants if v.name in args.only]})
+            if args.seeds is not None:
+                try:
+                    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+                except ValueError:
+                    raise ConfigError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+                from pydantic import ValidationError
+
+                from foresight_core.config.load import _format_validation_error
+                try:
+                    table = type(table).model_validate({**table.model_dump(), "seeds": seeds})
+                except ValidationError as e:
+                    raise ConfigError(_format_validation_error(e, "--seeds")) from None
             for v in table.variants:  # every variant's overrides checked before any work
                 apply_variant(cfg, v)
         except ConfigError as e:
             return _fail(str(e))
+        from foresight_core.budget import ablation_plan, plan_text
+
+        print(plan_text(ablation_plan(cfg, table, params=args.params)), flush=True)
+        if args.plan:
+            return 0
+        missing = _missing_gpus(cfg, table)
+        if missing:
+            return _fail(f"{missing}: planned above, not run (`--plan` prints the plan alone)")
     if args.command == "config":
         from tasks.tracking import config_yaml
 
@@ -295,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.runtime import setup_env
 
     setup_env(cfg)  # before Prefect is imported: it reads PREFECT_HOME / PREFECT_API_URL on import
+    if args.command == "ask":
+        return _ask(cfg, args)
     if args.command == "serve":
         return _serve(cfg, args)
     from flows import pipeline as flows

@@ -366,59 +366,44 @@ def retrain(preset: str | None = None, overrides: dict[str, Any] | None = None,
                        extra_tags={"foresight.data_version": version})
 
 
-# the metrics of an eval run that make the ablation table's columns
-TABLE_COLUMNS = ("score", "pass_at_k", "format_rate", "ece_first", "brier_first", "auroc_first", "grounding_rate",
-                 "gen_tokens", "candidate_tokens")
-
-
 @flow(name="ablation", log_prints=True)
 def ablation(cfg: PipelineConfig, table: AblationConfig) -> dict[str, Any]:
-    """The method table of METHOD.md in one flow run: every variant is the pipeline with its own stages
-    and overrides, nested under one MLflow run; finished stages are shared between variants (the corpus
-    always, WM-AMT / FE-SFT wherever config and inputs agree). The table (markdown and CSV) is logged."""
+    """The method table of METHOD.md in one flow run: every variant at every seed of ``table.seeds`` is the
+    pipeline with its own stages, overrides and seed, nested under one MLflow run; finished stages are
+    shared wherever config and inputs agree (the corpus across rows of a seed, WM-AMT / FE-SFT across the
+    rows that train them alike). The table (``foresight_core.evidence``: means with intervals over tasks
+    and seeds, paired differences against the reference row, planning against its random-of-K control)
+    is logged as Markdown and JSON."""
     from foresight_core.config.ablation import apply_variant
-    from tasks.tracking import run_metrics
+    from foresight_core.evidence import RowRun, RowSpec, evidence_table, table_markdown
+    from tasks.evaluate import TASK_SCORES
+    from tasks.tracking import run_json, run_metrics
 
     cfg = revalidate(cfg)
     logger = get_run_logger()
-    variants = [(v, apply_variant(cfg, v)) for v in table.variants]  # every override checked before any work
-    rows: list[dict[str, Any]] = []
+    # every override checked before any work
+    runs_to_do = [(v, seed, apply_variant(cfg.model_copy(update={"seed": seed}), v))
+                  for seed in table.seeds for v in table.variants]
+    results: list[RowRun] = []
     with mlflow_run(cfg, f"{cfg.name}-ablation", stage="ablation",
                     tags={"prefect.flow_run_id": str(flow_run.id)}) as parent:
         parent.log_dict(table.model_dump(mode="json"), "ablation.json")
-        for variant, vcfg in variants:
-            logger.info("variant %s (%s)", variant.name, variant.paper_row)
-            refs = _run_stages(vcfg, list(variant.stages), run_name=f"{vcfg.name}-pipeline",
-                               parent_run_id=parent.run_id, extra_tags={"foresight.variant": variant.name},
+        for variant, seed, vcfg in runs_to_do:
+            logger.info("variant %s seed %d (%s)", variant.name, seed, variant.paper_row)
+            refs = _run_stages(vcfg, list(variant.stages), run_name=f"{vcfg.name}-seed{seed}-pipeline",
+                               parent_run_id=parent.run_id,
+                               extra_tags={"foresight.variant": variant.name, "foresight.seed": str(seed)},
                                register_model=False)  # variants are evidence, not candidates for champion
-            row: dict[str, Any] = {"variant": variant.name, "paper_row": variant.paper_row}
             if refs.get("eval.run_id"):
-                row.update(ablation_columns(run_metrics(cfg, refs["eval.run_id"])))
-            rows.append(row)
-        parent.log_text(table_markdown(rows), "ablation_table.md")
-        parent.log_table(rows, "ablation_table.json")
-    print(table_markdown(rows))
+                results.append(RowRun(variant.name, seed, run_metrics(cfg, refs["eval.run_id"]),
+                                      run_json(cfg, refs["eval.run_id"], TASK_SCORES)))
+        specs = [RowSpec(v.name, v.paper_row, v.changes, v.plain_twin) for v in table.variants]
+        rows = evidence_table(results, specs, table.reference, table.n_boot, table.level)
+        markdown = table_markdown(rows, table.reference, table.level)
+        parent.log_text(markdown, "ablation_table.md")
+        parent.log_dict({"reference": table.reference, "level": table.level, "rows": rows}, "ablation_table.json")
+    print(markdown)
     return {"ablation.run_id": parent.run_id, "rows": rows}
-
-
-def ablation_columns(metrics: Mapping[str, float]) -> dict[str, float]:
-    """``avg/<mode>/score`` plus, per mode, each table column averaged over the benchmarks."""
-    out: dict[str, float] = {}
-    for mode in ("direct", "planning", "planning_random"):
-        for col in TABLE_COLUMNS:
-            vals = [v for k, v in metrics.items() if k.endswith(f"/{mode}/{col}") and not k.startswith("avg/")]
-            if vals:
-                out[f"{mode}/{col}"] = sum(vals) / len(vals)
-    return out
-
-
-def table_markdown(rows: list[dict[str, Any]]) -> str:
-    cols = sorted({k for r in rows for k in r} - {"variant", "paper_row"})
-    lines = ["| variant | paper row | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
-    for r in rows:
-        cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
-        lines.append(f"| {r['variant']} | {r['paper_row']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def make_deployments(preset: str | None = None, overrides: Mapping[str, Any] | None = None,

@@ -1,7 +1,7 @@
 """The mini format-capability check of the supervised stages: free generation on held-out tasks.
 
     sets = load_task_sets(held_out_task_uris(corpus_uri, storage), storage)   # {"search_world": [...], ...}
-    m = format_check(model, tokenizer, sets, cfg.envs, n_tasks=40, foresight=True, temperature=0.7, seed=0)
+    m = format_check(model, tokenizer, sets, cfg.envs, n_tasks=40, turn_format="foresight", temperature=0.7, seed=0)
     m["format_rate"], m["grounding_rate"], m["ece"], m["brier"], m["search_world/format_rate"]
 
 After WM-AMT or FE-SFT (``<stage>.format_check_tasks`` > 0) the final model plays ``n_tasks``
@@ -133,7 +133,7 @@ def check_metrics(rollouts: Sequence[Rollout], sets: Sequence[str] | None = None
 
 
 def play_check(engine: RolloutEngine, bridge: Any, make_env: Callable[[Task], Env],
-               task_sets: Mapping[str, Sequence[Task]], *, n_tasks: int, foresight: bool = True,
+               task_sets: Mapping[str, Sequence[Task]], *, n_tasks: int, turn_format: str = "foresight",
                temperature: float = 0.7, max_new_tokens: int = 256, max_turns: int | None = None,
                max_context_tokens: int = 4096, seed: int = 0,
                on_progress: Callable[[int, int, int], None] | None = None) -> dict[str, float]:
@@ -149,13 +149,13 @@ def play_check(engine: RolloutEngine, bridge: Any, make_env: Callable[[Task], En
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         rollouts = play_group(engine, bridge, make_env, [t for _, t in chosen], 1, params,
-                              "foresight" if foresight else "plain", max_turns, max_context_tokens,
+                              turn_format, max_turns, max_context_tokens,
                               on_progress=on_progress)
     return check_metrics(rollouts, [s for s, _ in chosen])
 
 
 def format_check(model: Any, tokenizer: Any, task_sets: Mapping[str, Sequence[Task]], envs: EnvsConfig, *,
-                 n_tasks: int, foresight: bool = True, temperature: float = 0.7, max_new_tokens: int = 256,
+                 n_tasks: int, turn_format: str = "foresight", temperature: float = 0.7, max_new_tokens: int = 256,
                  max_turns: int | None = None, max_context_tokens: int = 4096, max_batch: int = 64,
                  seed: int = 0, on_progress: Callable[[int, int, int], None] | None = None) -> dict[str, float]:
     """``play_check`` with a transformers causal LM (Hugging Face ``generate``) in the real environments."""
@@ -165,7 +165,7 @@ def format_check(model: Any, tokenizer: Any, task_sets: Mapping[str, Sequence[Ta
 
     engine = HFEngine(model, tokenizer, max_batch=max_batch)
     return play_check(engine, ChatBridge(tokenizer), lambda t: env_for_task(t, envs), task_sets,
-                      n_tasks=n_tasks, foresight=foresight, temperature=temperature,
+                      n_tasks=n_tasks, turn_format=turn_format, temperature=temperature,
                       max_new_tokens=max_new_tokens, max_turns=max_turns, max_context_tokens=max_context_tokens,
                       seed=seed, on_progress=on_progress)
 
@@ -184,7 +184,7 @@ def run_format_check(cfg: Any, stage: str, model_dir: str | os.PathLike, task_ur
     model_cfg = cfg.model.model_copy(update={"source": "hf", "name_or_path": str(model_dir), "lora": None})
     model, tokenizer = load_model(model_cfg, device, train=False, seed=cfg.seed)
     return format_check(model, tokenizer, task_sets, cfg.envs, n_tasks=stage_cfg.format_check_tasks,
-                        foresight=stage_cfg.foresight, temperature=stage_cfg.format_check_temperature,
+                        turn_format=stage_cfg.turn_format, temperature=stage_cfg.format_check_temperature,
                         max_new_tokens=stage_cfg.format_check_max_new_tokens,
                         max_turns=stage_cfg.format_check_max_turns, max_context_tokens=cfg.eval.max_context_tokens, max_batch=cfg.eval.batch_size,
                         seed=cfg.seed, on_progress=on_progress)

@@ -33,27 +33,27 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 
-from foresight_core.format import parse_turn, render_observation, render_turn, system_prompt
-from foresight_core.types import Task, Trajectory, Turn
+from foresight_core.format import TurnFormat, parse_turn, render_observation, render_turn, system_prompt
+from foresight_core.types import Task, Trajectory
 
 OBSERVATION_OPEN = "<observation>"
 
 
 # ---------------------------------------------------------------------------- messages
 
-def prompt_messages(task: Task, foresight: bool = True) -> list[dict]:
+def prompt_messages(task: Task, turn_format: TurnFormat = "foresight") -> list[dict]:
     """System prompt (format + tool of the task's env) and the question."""
-    return [{"role": "system", "content": system_prompt(task.env, foresight)},
+    return [{"role": "system", "content": system_prompt(task.env, turn_format)},
             {"role": "user", "content": task.question.strip()}]
 
 
-def trajectory_messages(traj: Trajectory, foresight: bool = True) -> list[dict]:
-    """The whole episode as chat messages. ``foresight=False`` drops every world-model block
-    (the plain-SFT baseline); steps without a block are rendered plain either way."""
-    msgs = prompt_messages(traj.task, foresight)
+def trajectory_messages(traj: Trajectory, turn_format: TurnFormat = "foresight") -> list[dict]:
+    """The whole episode as chat messages in ``turn_format``: "plain" drops every world-model block
+    (the plain-SFT baseline), "state" keeps only its roadmap (State-SFT); steps without a block are
+    rendered plain either way."""
+    msgs = prompt_messages(traj.task, turn_format)
     for step in traj.steps:
-        turn = step.turn if foresight else Turn(think=step.turn.think, action=step.turn.action)
-        msgs.append({"role": "assistant", "content": render_turn(turn)})
+        msgs.append({"role": "assistant", "content": render_turn(step.turn, turn_format)})
         if step.observation is not None:
             msgs.append({"role": "user", "content": render_observation(step.observation)})
     return msgs
@@ -119,7 +119,7 @@ def tokenize_messages(tokenizer, messages: list[dict], max_len: int | None = Non
             if stop >= 0 and not text[end:stop].strip():  # the end-of-turn token that follows the content
                 marker.mark(assistant, end, stop + len(eos))
                 cursor = stop + len(eos)
-            parsed = parse_turn(content, require_wm=False)
+            parsed = parse_turn(content, "any")
             for mask, span in ((wm, parsed.wm_span), (policy, parsed.policy_span)):
                 if span is not None:
                     marker.mark(mask, at + span[0], at + span[1])
@@ -199,7 +199,7 @@ class ChatBridge:
     def turn_masks(self, gen_ids: list[int]) -> tuple[list[int], list[int]]:
         """(wm_mask, policy_mask) per generated token, from the decoded text's format spans."""
         text, offsets = self.turn_text(gen_ids)
-        parsed = parse_turn(text, require_wm=False)
+        parsed = parse_turn(text, "any")
         marker, n = _Marker(offsets), len(gen_ids)
         wm, policy = [0] * n, [0] * n
         for mask, span in ((wm, parsed.wm_span), (policy, parsed.policy_span)):

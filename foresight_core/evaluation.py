@@ -86,7 +86,7 @@ def select_plan(candidates: Sequence[Generation], tokenizer: Any) -> Generation:
         if not g.finished:
             continue
         text = tokenizer.decode(g.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        p = parse_turn(text, require_wm=True)
+        p = parse_turn(text, "foresight")
         if p.valid and p.confidence is not None and p.confidence > best_q:
             best, best_q = g, p.confidence
     return best

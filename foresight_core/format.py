@@ -29,12 +29,21 @@ import math
 import re
 import textwrap
 from dataclasses import dataclass, field
+from typing import Literal
 
 from foresight_core.types import ACTION_KINDS, Action, Turn, WorldModelBlock
 
 WM_TAGS: tuple[str, ...] = ("imaginary", "keyword", "analysis", "confidence")
 POLICY_TAGS: tuple[str, ...] = ("think", "action")
 TURN_TAGS: tuple[str, ...] = WM_TAGS + POLICY_TAGS
+STATE_TAGS: tuple[str, ...] = ("imaginary",) + POLICY_TAGS
+
+TurnFormat = Literal["foresight", "state", "plain"]
+"""What an assistant turn carries. foresight: the whole world-model block (roadmap, keywords, analysis,
+confidence) then think/action; state: the imagined roadmap alone then think/action (the State-SFT
+baseline: an imagined state, no keywords, no confidence); plain: think/action (no world model)."""
+TURN_FORMATS: tuple[str, ...] = ("foresight", "state", "plain")
+_REQUIRED = {"foresight": TURN_TAGS, "state": STATE_TAGS, "plain": POLICY_TAGS}
 ALL_TAGS: tuple[str, ...] = TURN_TAGS + ACTION_KINDS + ("observation",)
 
 _KNOWN_TAG = re.compile(r"<(/?)(" + "|".join(ALL_TAGS) + r")>")
@@ -101,8 +110,9 @@ def render_wm(wm: WorldModelBlock) -> str:
             f"<confidence>{format_confidence(wm.confidence)}</confidence>")
 
 
-def render_turn(turn: Turn) -> str:
-    """One assistant turn: the world-model block when ``turn.wm`` is set, then think and action."""
+def render_turn(turn: Turn, turn_format: TurnFormat = "foresight") -> str:
+    """One assistant turn: the world-model block when ``turn.wm`` is set, then think and action.
+    ``turn_format`` "state" writes only the block's roadmap, "plain" drops the block."""
     kind = turn.action.kind
     if kind not in ACTION_KINDS:
         raise FormatError(f"action kind must be one of {ACTION_KINDS}, got {kind!r}")
@@ -110,7 +120,13 @@ def render_turn(turn: Turn) -> str:
     if not content:
         raise FormatError(f"empty action: <{kind}> has no content")
     policy = f"<think>{_field(turn.think, 'think')}</think>\n<action><{kind}>{content}</{kind}></action>"
-    return policy if turn.wm is None else render_wm(turn.wm) + "\n" + policy
+    if turn.wm is None or turn_format == "plain":
+        return policy
+    if turn_format == "state":
+        return f"<imaginary>{_field(turn.wm.imaginary, 'imaginary')}</imaginary>\n" + policy
+    if turn_format != "foresight":
+        raise FormatError(f"turn format must be one of {TURN_FORMATS}, got {turn_format!r}")
+    return render_wm(turn.wm) + "\n" + policy
 
 
 def render_observation(text: str) -> str:
@@ -231,11 +247,14 @@ def _parse_action(text: str, pos: int, problems: list[str]) -> tuple[list[Action
     return tools, pos
 
 
-def parse_turn(text: str, require_wm: bool = True) -> ParsedTurn:
+def parse_turn(text: str, turn_format: TurnFormat | Literal["any"] = "foresight") -> ParsedTurn:
     """Read one assistant turn. Never raises: problems make ``valid`` False with a ``reason``
     (missing / duplicated / unclosed / out-of-order tags, bad confidence, empty action, several
-    tools, unknown tool tag, text outside tags). ``require_wm=False`` accepts a plain turn
-    (think + action) and also a full one; a partial world-model block is invalid either way."""
+    tools, unknown tool tag, text outside tags).
+
+    ``turn_format`` is the format the turn must have: "foresight" (every tag), "state" (roadmap,
+    think, action, and no other world-model tag), "plain" (think + action; a full block is also
+    accepted), "any" (plain, state or full). A partial world-model block is invalid in every case."""
     if not isinstance(text, str):
         return ParsedTurn(valid=False, reason=f"turn must be a string, got {type(text).__name__}")
     problems: list[str] = []
@@ -294,8 +313,19 @@ def parse_turn(text: str, require_wm: bool = True) -> ParsedTurn:
                                     "or a percentage in [0, 100]")
         pos = end
 
-    has_any_wm = any(t in spans for t in WM_TAGS)
-    for tag in (TURN_TAGS if require_wm or has_any_wm else POLICY_TAGS):
+    found_wm = [t for t in WM_TAGS if t in spans]
+    if turn_format in ("foresight", "state"):
+        required = _REQUIRED[turn_format]
+    elif turn_format in ("plain", "any"):
+        state_like = turn_format == "any" and found_wm == ["imaginary"]
+        required = STATE_TAGS if state_like else TURN_TAGS if found_wm else POLICY_TAGS
+    else:
+        return ParsedTurn(valid=False, reason=f"unknown turn format {turn_format!r}: expected one of "
+                                              f"{TURN_FORMATS + ('any',)}")
+    if turn_format == "state":
+        problems += [f"unexpected <{t}> in a state turn (only <imaginary>, <think>, <action>)"
+                     for t in found_wm if t != "imaginary"]
+    for tag in required:
         if tag not in spans:
             problems.append(f"missing <{tag}>")
 
@@ -331,15 +361,18 @@ _WM_FORMAT = ("<imaginary>roadmap of your next steps</imaginary>\n"
               "<keyword>terms you expect to meet; separated by ;</keyword>\n"
               "<analysis>what is known, what is still missing</analysis>\n"
               "<confidence>0.0-1.0 chance your plan succeeds</confidence>\n")
+_STATE_FORMAT = "<imaginary>roadmap of your next steps</imaginary>\n"
 
 
-def system_prompt(env: str, foresight: bool = True) -> str:
+def system_prompt(env: str, turn_format: TurnFormat = "foresight") -> str:
     """The format and the tool, in few words (small models read it every episode)."""
+    if turn_format not in TURN_FORMATS:
+        raise ValueError(f"unknown turn format {turn_format!r}: expected one of {TURN_FORMATS}")
     if env not in _TOOLS:
         raise ValueError(f"unknown env {env!r}: expected one of {sorted(_TOOLS)}")
     tool, answer = _TOOLS[env]
     return ("Solve the user's question step by step. Write every turn as:\n"
-            + (_WM_FORMAT if foresight else "")
+            + {"foresight": _WM_FORMAT, "state": _STATE_FORMAT, "plain": ""}[turn_format]
             + "<think>reasoning for the next action</think>\n"
             "<action>exactly one tool call</action>\n"
             f"Tool: {tool}\n"

@@ -22,6 +22,7 @@ Sampling and uncertainty:
     pass_at_k(n=5, c=2, k=2)                         # unbiased pass@k from n samples, c correct: 1 - C(3,2)/C(5,2) = 0.7
     bootstrap_interval([0, 1, 1, 0], seed=0)         # 95% percentile interval of the mean (resampling the values)
     paired_difference({"t1": 1, "t2": 0}, {"t1": 0, "t2": 0})  # mean difference on common keys, with its interval
+    seeds_tasks_interval({(0, "t1"): 1, (1, "t1"): 0, ...})  # mean over seeds and tasks; both resampled
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import re
 import string
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from typing import Any
 from dataclasses import dataclass
 
 _PUNCTUATION = set(string.punctuation)
@@ -221,3 +223,40 @@ def paired_difference(a: Mapping[str, float], b: Mapping[str, float], n_boot: in
     diffs = [float(a[k]) - float(b[k]) for k in common]
     lo, hi = bootstrap_interval(diffs, n_boot, level, seed)
     return sum(diffs) / len(diffs), lo, hi, len(common)
+
+
+def seeds_tasks_interval(values: Mapping[tuple[Any, Any], float], n_boot: int = 2000, level: float = 0.95,
+                         seed: int = 0) -> tuple[float, float, float]:
+    """``(mean, interval low, interval high)`` of values keyed ``(seed, task)``: the two-way bootstrap.
+
+    The estimate is the mean over seeds of each seed's mean over its tasks. Each bootstrap draw resamples
+    the seeds and, independently, the tasks (both with replacement) and takes the same mean over the
+    drawn cells that hold a value, so the interval carries both the task sampling and the training-seed
+    noise. With one seed it is ``bootstrap_interval`` over the tasks (the seed axis has no spread)."""
+    if not values:
+        raise ValueError("seeds_tasks_interval: no values")
+    if not 0 < level < 1:
+        raise ValueError(f"seeds_tasks_interval: level must be in (0, 1), got {level}")
+    seeds = sorted({s for s, _ in values}, key=str)
+    tasks = sorted({t for _, t in values}, key=str)
+    grid = {s: {t: float(v) for (s2, t), v in values.items() if s2 == s} for s in seeds}
+
+    def estimate(ss: Sequence[Any], ts: Sequence[Any]) -> float | None:
+        means = []
+        for s in ss:
+            cells = [grid[s][t] for t in ts if t in grid[s]]
+            if cells:
+                means.append(sum(cells) / len(cells))
+        return sum(means) / len(means) if means else None
+
+    point = estimate(seeds, tasks)
+    rng = random.Random(seed)
+    draws = []
+    for _ in range(n_boot):
+        e = estimate(rng.choices(seeds, k=len(seeds)), rng.choices(tasks, k=len(tasks)))
+        if e is not None:
+            draws.append(e)
+    draws.sort()
+    lo = draws[int(math.floor((1 - level) / 2 * (len(draws) - 1)))]
+    hi = draws[int(math.ceil((1 + level) / 2 * (len(draws) - 1)))]
+    return float(point), lo, hi

@@ -33,7 +33,7 @@ from foresight_core.types import Action, Step, Task, Trajectory, Turn
 
 log = logging.getLogger(__name__)
 
-TurnFormat = Literal["foresight", "plain", "raw"]
+TurnFormat = Literal["foresight", "state", "plain", "raw"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,12 +344,14 @@ def _parse_raw(text: str) -> ParsedTurn:
 def play_group(engine: RolloutEngine, bridge: ChatBridge, make_env: Callable[[Task], Env], tasks: Sequence[Task],
                group_size: int, params: SamplingParams, turn_format: TurnFormat = "foresight",
                max_turns: int | None = None, max_context_tokens: int = 4096,
-               on_progress: Callable[[int, int, int], None] | None = None) -> list[Rollout]:
+               on_progress: Callable[[int, int, int], None] | None = None,
+               on_turn: Callable[[int, RolloutStep], None] | None = None) -> list[Rollout]:
     """Play ``group_size`` rollouts of every task, all episodes batched together turn by turn.
 
     ``make_env(task)`` gives a fresh environment per rollout (environments are stateful).
     ``bridge`` is a ``chat.ChatBridge``: prompt tokens, observation tokens, per-token span masks.
-    ``on_progress(episodes done, episodes, turn)`` is called after every turn (a progress display).
+    ``on_progress(episodes done, episodes, turn)`` is called after every turn (a progress display);
+    ``on_turn(rollout index, step)`` after each rollout's turn, its observation included (a live view).
     Returns rollouts grouped by task: rollouts[g * group_size + i] is sample i of tasks[g].
     """
     rollouts: list[Rollout] = []
@@ -361,7 +363,7 @@ def play_group(engine: RolloutEngine, bridge: ChatBridge, make_env: Callable[[Ta
             if turn_format == "raw":
                 messages = [{"role": "user", "content": question}]
             else:
-                messages = prompt_messages(task, foresight=turn_format == "foresight")
+                messages = prompt_messages(task, turn_format)
             envs.append(env)
             rollouts.append(Rollout(task=task, env=env.name, group=g, prompt_ids=bridge.prompt_ids(messages)))
 
@@ -373,6 +375,8 @@ def play_group(engine: RolloutEngine, bridge: ChatBridge, make_env: Callable[[Ta
             _take_turn(rollouts[i], envs[i], gen, bridge, turn_format,
                        last_turn=turn + 1 >= limits[i],
                        room=max_context_tokens - params.max_new_tokens)
+            if on_turn is not None:
+                on_turn(i, rollouts[i].steps[-1])
         turn += 1
         if on_progress is not None:
             on_progress(sum(r.done for r in rollouts), len(rollouts), turn)
@@ -388,7 +392,7 @@ def _take_turn(r: Rollout, env: Env, gen: Generation, bridge: ChatBridge, turn_f
         parsed = _parse_raw(text)
         wm_mask, pol_mask = [0] * n, [1] * n
     else:
-        parsed = parse_turn(text, require_wm=turn_format == "foresight")
+        parsed = parse_turn(text, turn_format)
         ok = parsed.valid and gen.finished
         wm_mask, pol_mask = bridge.turn_masks(gen.token_ids) if ok else ([0] * n, [0] * n)
     step = RolloutStep(text=text, start=len(r.response_ids), end=len(r.response_ids) + n,

@@ -80,7 +80,7 @@ def _trajectory_dict(row: dict[str, Any]) -> dict[str, Any] | None:
     return row if "steps" in row else None
 
 
-def row_sample(row: dict[str, Any], tokenizer, foresight: bool = True):
+def row_sample(row: dict[str, Any], tokenizer, turn_format: str = "foresight"):
     """One data row as a ``TokenizedSample`` (ids + assistant / observation / wm / policy masks)."""
     from foresight_core.chat import TokenizedSample, tokenize_messages, trajectory_messages
     from foresight_core.types import CorpusRow, Trajectory
@@ -88,10 +88,10 @@ def row_sample(row: dict[str, Any], tokenizer, foresight: bool = True):
     if "kind" in row:  # a corpus row: the corpus's own schema, checked field by field
         corpus_row = CorpusRow.from_dict(row)
         if corpus_row.trajectory is not None:
-            return tokenize_messages(tokenizer, trajectory_messages(corpus_row.trajectory, foresight))
+            return tokenize_messages(tokenizer, trajectory_messages(corpus_row.trajectory, turn_format))
         row = {"text": corpus_row.text}
     elif "steps" in row:  # a bare Trajectory.to_dict()
-        return tokenize_messages(tokenizer, trajectory_messages(Trajectory.from_dict(row), foresight))
+        return tokenize_messages(tokenizer, trajectory_messages(Trajectory.from_dict(row), turn_format))
     if "messages" in row:
         return tokenize_messages(tokenizer, list(row["messages"]))
     if "text" in row:
@@ -102,9 +102,13 @@ def row_sample(row: dict[str, Any], tokenizer, foresight: bool = True):
 
 
 def loss_mask(sample, loss_on: str, train_on_observations: bool = False) -> list[int]:
-    """Which tokens are targets: assistant tokens (FE-SFT), or everything but observations (WM-AMT)."""
+    """Which tokens are targets: assistant tokens (FE-SFT), observation tokens alone (implicit world
+    modelling: predict the next state from the history and the action), or everything but observations
+    (WM-AMT)."""
     if loss_on == "assistant":
         return list(sample.assistant_mask)
+    if loss_on == "observation":
+        return list(sample.observation_mask)
     if train_on_observations:
         return [1] * len(sample.input_ids)
     return [1 - o for o in sample.observation_mask]
@@ -135,7 +139,7 @@ def prepare_data(rows: list[dict[str, Any]], tokenizer, cfg: SFTConfig, seed: in
     parts: dict[str, list[LMSample]] = {"train": [], "eval": []}
     for i, row in enumerate(rows):
         try:
-            s = row_sample(row, tokenizer, cfg.foresight)
+            s = row_sample(row, tokenizer, cfg.turn_format)
         except Exception as e:  # FormatError, KeyError, TypeError ...: name the row, keep the cause
             raise ValueError(f"{source}: row {i + 1}: {type(e).__name__}: {e}") from e
         sample = LMSample(s.input_ids, {"loss": loss_mask(s, cfg.loss_on, cfg.train_on_observations),

@@ -1,5 +1,7 @@
 """After evaluation: the final model becomes a version in MLflow's Model Registry, with its lineage as
-tags, and the champion alias moves to it only when it is earned (``foresight_core.promotion``).
+tags, and the champion alias moves to it only when it is earned (``foresight_core.promotion``). The
+version is the servable agent (``tasks.serving``: a pyfunc bundling the weights, the tools and the agent
+loop), logged into the weights' run beside them: ``mlflow models serve -m models:/<name>@champion``.
 
     ref = register_and_promote(cfg, model_uri="runs:/<run>/model", eval_run_id=..., lineage={...})
     ref["registry.version"], ref["registry.promoted"], ref["registry.reason"]
@@ -12,15 +14,12 @@ eval run) and does not add another.
 
 from __future__ import annotations
 
-import json
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from foresight_core.config import PipelineConfig
 from foresight_core.promotion import Decision, decide
 from tasks.evaluate import TASK_SCORES
-from tasks.tracking import mlflow_client
+from tasks.tracking import artifact_json, mlflow_client
 
 EVAL_RUN_TAG = "foresight.eval_run_id"
 PROMOTED_TAG = "foresight.promoted"
@@ -46,12 +45,9 @@ def _run_and_path(model_uri: str) -> tuple[str, str]:
 
 def eval_scores(client: Any, eval_run_id: str, mode: str) -> dict[str, float] | None:
     """The per-task scores an eval run logged for ``mode`` (None: the run has none, e.g. an older run)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = client.download_artifacts(eval_run_id, TASK_SCORES, tmp)
-        except Exception:  # noqa: BLE001 -- the artifact is missing: say so through None
-            return None
-        data = json.loads(Path(path).read_text())
+    data = artifact_json(client, eval_run_id, TASK_SCORES)
+    if data is None:
+        return None
     return {str(k): float(v) for k, v in (data.get(mode) or {}).items()}
 
 
@@ -68,7 +64,7 @@ def register_and_promote(cfg: PipelineConfig, model_uri: str, eval_run_id: str,
     reg = cfg.registry
     client = mlflow_client(cfg)
     name = model_name(cfg)
-    run_id, path = _run_and_path(model_uri)
+    run_id, _ = _run_and_path(model_uri)
     new_scores = eval_scores(client, eval_run_id, reg.mode)
     if new_scores is None:
         raise RegistryError(f"eval run {eval_run_id} has no {TASK_SCORES}: the model cannot be compared")
@@ -89,7 +85,9 @@ def register_and_promote(cfg: PipelineConfig, model_uri: str, eval_run_id: str,
     except Exception:  # noqa: BLE001 -- no version holds the alias yet
         champion = None
     if mv is None:
-        source = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/" + path
+        from tasks.serving import log_agent
+
+        source = log_agent(cfg, model_uri)  # the servable agent (pyfunc: weights, tools, loop) beside the weights
         tags = {**lineage, EVAL_RUN_TAG: eval_run_id, "foresight.model_uri": model_uri,
                 f"foresight.score.{reg.mode}": f"{sum(new_scores.values()) / max(len(new_scores), 1):.4f}"}
         mv = client.create_model_version(name, source=source, run_id=run_id, tags=tags,

@@ -29,6 +29,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -280,3 +281,23 @@ def find_runs(cfg: PipelineConfig, stage: str, tags: dict[str, str] | None = Non
 def run_metrics(cfg: PipelineConfig, run_id: str) -> dict[str, float]:
     """The latest value of every metric of one run."""
     return dict(_client(tracking_uri(cfg)).get_run(run_id).data.metrics)
+
+
+def artifact_json(client: Any, run_id: str, path: str) -> Any | None:
+    """A JSON artifact of a run, parsed (None: the run has no such artifact)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = client.download_artifacts(run_id, path, tmp)
+        except Exception:  # noqa: BLE001 -- the artifact is missing: say so through None
+            return None
+        return json.loads(Path(local).read_text())
+
+
+def run_json(cfg: PipelineConfig, run_id: str, path: str) -> Any:
+    """A JSON artifact of a run; a missing one is an error naming the run and the file."""
+    data = artifact_json(_client(tracking_uri(cfg)), run_id, path)
+    if data is None:
+        raise FileNotFoundError(f"run {run_id} has no artifact {path}")
+    return data

@@ -25,7 +25,7 @@ def test_paper_table_rows():
     assert full.fc_rl.use_calibration and full.fc_rl.use_grounding and full.fc_rl.omega_search == 0.2
     assert not plain.fc_rl.use_calibration and not plain.fc_rl.use_grounding and plain.fc_rl.omega_math == 0
     sft = apply_variant(cfg, t["sft_rl"])
-    assert not sft.fe_sft.foresight and sft.fc_rl.turn_format == "plain" and sft.eval.turn_format == "plain"
+    assert sft.fe_sft.turn_format == "plain" and sft.fc_rl.turn_format == "plain" and sft.eval.turn_format == "plain"
     assert "wm_amt" not in plain.stages and "wm_amt" in full.stages
 
 
@@ -47,20 +47,6 @@ def test_apply_variant_keeps_credentials():
     cfg = load_config("tiny", overrides=["infra.storage.key=AKIA", "infra.storage.secret=s3cr3t"])
     v = apply_variant(cfg, Variant(name="x", stages=["corpus"]))
     assert v.infra.storage.secret.get_secret_value() == "s3cr3t"
-
-
-def test_ablation_columns_and_markdown():
-    pytest.importorskip("prefect")
-    from flows.pipeline import ablation_columns, table_markdown
-
-    metrics = {"search_world/direct/score": 0.5, "gsm_symbolic/direct/score": 0.25, "avg/direct/score": 0.375,
-               "search_world/planning/score": 0.75, "search_world/direct/ece_first": 0.1}
-    cols = ablation_columns(metrics)
-    assert cols["direct/score"] == pytest.approx(0.375)  # (0.5 + 0.25) / 2; the avg/ key is not counted twice
-    assert cols["planning/score"] == pytest.approx(0.75) and cols["direct/ece_first"] == pytest.approx(0.1)
-    md = table_markdown([{"variant": "full", "paper_row": "full", **cols}])
-    assert md.splitlines()[0].startswith("| variant | paper row | direct/ece_first | direct/score")
-    assert "| full | full | 0.100 | 0.375 | 0.750 |" in md
 
 
 def _leaves(model, prefix=""):

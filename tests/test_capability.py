@@ -105,7 +105,7 @@ def test_metrics_of_scripted_turns_match_the_hand_worked_numbers(tok):
 def test_plain_turns_have_no_world_model_metrics(tok):
     plain = {0: [render_turn(Turn("Thinking.", Action("answer", "Tamsor")))]}
     m = play_check(ScriptedEngine(tok, plain), ChatBridge(tok), make_env, {"alpha": [task(0)]}, n_tasks=1,
-                   foresight=False)
+                   turn_format="plain")
     assert m == {"n_tasks": 1.0, "format_rate": 1.0, "valid_turn_rate": 1.0, "success_rate": 1.0,
                  "alpha/format_rate": 1.0, "alpha/success_rate": 1.0}  # no q, no keywords: left out, not NaN
     # the same turn where the world-model block is required is malformed

@@ -53,8 +53,8 @@ def test_prompt_and_trajectory_messages():
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant"]  # no obs after answer
     assert msgs[2]["content"] == render_turn(T1)
     assert msgs[3]["content"] == f"<observation>{OBS}</observation>"
-    plain = trajectory_messages(TRAJ, foresight=False)
-    assert plain[0]["content"] == system_prompt("search", foresight=False)
+    plain = trajectory_messages(TRAJ, "plain")
+    assert plain[0]["content"] == system_prompt("search", "plain")
     assert plain[4]["content"] == "<think>Ada Lind was born in Paris.</think>\n<action><answer>Paris</answer></action>"
 
 

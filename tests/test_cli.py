@@ -202,3 +202,12 @@ def test_foresight_corpus_tiny_end_to_end(tmp_path: Path) -> None:
     assert data["successes"] >= 1 and data["failures"] >= 1 and data["annotated_steps"] >= 1
     assert (work / "prefect").is_dir() and (work / "mlflow.db").is_file()
     print(f"\nforesight corpus --preset tiny: {time.perf_counter() - t0:.1f}s")
+
+
+def test_ablate_plan_paper_preset_on_a_cpu() -> None:
+    out = _foresight("ablate", "--preset", "paper", "--plan")
+    assert out.returncode == 0, out.stderr
+    assert "15 rows x 3 seeds [0, 1, 2]" in out.stdout and "state_sft_rl" in out.stdout
+    assert "GPU h" in out.stdout and "stage executions (shared stages run once):" in out.stdout
+    bad = _foresight("ablate", "--preset", "paper", "--seeds", "0,zero")
+    assert bad.returncode == 2 and "--seeds: expected comma-separated integers" in bad.stderr

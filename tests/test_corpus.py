@@ -361,3 +361,58 @@ def test_a_corrupted_dataset_file_is_named_by_the_stage_that_reads_it(tmp_path):
     with pytest.raises(StorageError, match=r"wm_amt.jsonl is corrupted"):
         find_corpus(cfg, manifest.uri)
     assert not build_corpus(cfg, progress=False).reused  # the corpus stage itself rebuilds it
+
+
+# ---------------------------------------------------------------------------------------------
+# q labels matched to the student
+
+
+def test_weakened_noise_by_hand():
+    from foresight_core.config.corpus import ExpertNoiseConfig
+    from foresight_core.corpus.collect import weakened
+
+    n = ExpertNoiseConfig(wrong_query=0.2, premature_answer=0.0, arithmetic_slip=0.5, retry_after_miss=0.8)
+    assert weakened(n, 0.0) == n
+    half = weakened(n, 0.5)
+    assert (half.wrong_query, half.premature_answer, half.arithmetic_slip, half.retry_after_miss) == \
+        pytest.approx((0.6, 0.5, 0.75, 0.4))
+    assert weakened(n, 1.0).retry_after_miss == 0.0 and weakened(n, 1.0).wrong_query == 1.0
+    with pytest.raises(ValueError, match="weakening"):
+        weakened(n, 1.5)
+
+
+def test_matched_labelling_policy_hits_its_target_and_lowers_q(tmp_path):
+    from foresight_core.corpus.build import labelling_policy
+    from foresight_core.corpus.collect import match_weakness
+
+    cfg = search_cfg(tmp_path, "corpus.q_policy=matched", "corpus.q_target_success=0.25")
+    plan = plan_corpus(cfg)
+    match = match_weakness(cfg, plan.rl_tasks, 0.25, episodes=2)
+    assert 0.0 < match["weakness"] < 1.0 and abs(match["success"] - 0.25) <= 0.1 and match["episodes"] == 48
+    matched_cfg, record = labelling_policy(cfg, plan)
+    assert record["source"] == "matched" and matched_cfg.corpus.q_noise is not None
+    assert matched_cfg.corpus.q_noise.wrong_query > cfg.corpus.noise.wrong_query
+    # the same trajectories (the behaviour policy still plays them), labelled by the weaker policy: lower q
+    behaviour = trajectories(collect_items(plan.items, search_cfg(tmp_path)))
+    matched = trajectories(collect_items(plan.items, matched_cfg))
+    acts = lambda ts: [[(s.turn.action, s.observation) for s in t.steps] for t in ts]
+    assert acts(matched) == acts(behaviour)
+    mean = lambda ts: sum(lab["q"] for t in ts for lab in t.meta["q_labels"]) / sum(len(t.meta["q_labels"]) for t in ts)
+    assert mean(matched) < mean(behaviour) - 0.2
+    # the behaviour policy: nothing to match
+    assert labelling_policy(search_cfg(tmp_path), plan)[1] == {"policy": "expert", "source": "behaviour"}
+
+
+def test_matched_build_records_the_policy_and_keeps_its_key(tmp_path):
+    cfg = search_cfg(tmp_path, "corpus.n_train_tasks=8", "corpus.q_policy=matched", "corpus.q_target_success=0.2")
+    manifest = build_corpus(cfg, progress=False)
+    assert manifest.data["q_policy"]["source"] == "matched" and manifest.key == corpus_key(cfg)
+    assert manifest.data["config"]["corpus"]["q_noise"] is not None  # what labelled q is in the manifest
+    assert build_corpus(cfg, progress=False).reused
+    assert corpus_key(cfg) != corpus_key(search_cfg(tmp_path, "corpus.n_train_tasks=8"))
+
+
+def test_matched_labels_need_the_scripted_expert():
+    with pytest.raises(Exception, match="need corpus.behaviour 'expert'"):
+        load_config("tiny", overrides=["corpus.behaviour=llm", "corpus.llm.model=tiny", "corpus.q_policy=matched"],
+                    env={})

@@ -107,11 +107,43 @@ def test_parse_full_turn_and_spans():
 
 
 def test_parse_plain_turn():
-    p = parse_turn(PLAIN, require_wm=False)
+    p = parse_turn(PLAIN, "any")
     assert p.valid and not p.has_wm and p.wm_span is None
     assert p.turn == Turn("done", Action("answer", "Paris"))
-    assert parse_turn(EXPECTED, require_wm=False).valid  # a full turn is fine when wm is optional
+    assert parse_turn(EXPECTED, "any").valid  # a full turn is fine when wm is optional
     assert parse_turn(PLAIN).reason == "missing <imaginary>"
+
+
+STATE = ("<imaginary>search the director, then his birthplace</imaginary>\n"
+         "<think>First find the director.</think>\n"
+         "<action><search>director of Blue Harbour</search></action>")
+
+
+def test_state_turn_renders_the_roadmap_alone_and_parses_in_its_format():
+    assert render_turn(SEARCH, "state") == STATE
+    assert render_turn(SEARCH, "plain") == EXPECTED.split("\n", 4)[4]
+    p = parse_turn(STATE, "state")
+    assert p.valid, p.reason
+    assert p.imaginary == "search the director, then his birthplace" and p.confidence is None
+    assert STATE[slice(*p.wm_span)] == "<imaginary>search the director, then his birthplace</imaginary>"
+    assert p.turn == Turn("First find the director.", Action("search", "director of Blue Harbour"))
+    assert parse_turn(STATE, "any").valid
+    assert parse_turn(STATE, "foresight").reason == "missing <keyword>"
+    assert parse_turn(STATE, "plain").reason == "missing <keyword>"  # a partial block is never plain
+    assert parse_turn(PLAIN, "state").reason == "missing <imaginary>"
+    assert parse_turn(EXPECTED, "state").reason == ("unexpected <keyword> in a state turn "
+                                                    "(only <imaginary>, <think>, <action>)")
+    assert parse_turn(STATE, "bogus").reason.startswith("unknown turn format 'bogus'")
+    with pytest.raises(FormatError, match="turn format"):
+        render_turn(SEARCH, "bogus")
+
+
+def test_system_prompt_per_format():
+    full, state, plain = (system_prompt("search", f) for f in ("foresight", "state", "plain"))
+    assert "<confidence>" in full and "<imaginary>" in state and "<confidence>" not in state
+    assert "<imaginary>" not in plain
+    with pytest.raises(ValueError, match="turn format"):
+        system_prompt("search", "bogus")
 
 
 def test_parse_tolerates_whitespace_and_percent_confidence():
@@ -125,7 +157,7 @@ def test_parse_tolerates_whitespace_and_percent_confidence():
 def test_python_code_with_angle_brackets():
     code = "a, b = 3, 5\nif a<b and b>a:\n    print(a << 2, '<b>', 'x</p>')"
     text = f"<think>compare</think><action><python>{code}</python></action>"
-    p = parse_turn(text, require_wm=False)
+    p = parse_turn(text, "any")
     assert p.valid, p.reason
     assert p.action == Action("python", code)
 
@@ -177,14 +209,14 @@ ACT = "<action><answer>x</answer></action>"
     ("<think>t</think><action><python>print('<think>')</python></action>", False, "tag <think> inside <python>"),
 ])
 def test_parse_invalid_reason(text, require_wm, reason):
-    p = parse_turn(text, require_wm=require_wm)
+    p = parse_turn(text, "foresight" if require_wm else "plain")
     assert not p.valid
     assert p.reason is not None and p.reason.startswith(reason), p.reason
 
 
 def test_invalid_turn_still_carries_what_was_read():
     # the action is read although <think> never closed: its content runs to the next tag
-    p = parse_turn("<think>look it up<action><search>Ada Lind</search></action>", require_wm=False)
+    p = parse_turn("<think>look it up<action><search>Ada Lind</search></action>", "any")
     assert p.reason == "unclosed <think>"
     assert p.turn == Turn("look it up", Action("search", "Ada Lind"))
     # a bad confidence keeps the rest of the block but no Turn.wm
@@ -201,7 +233,7 @@ def test_system_prompt():
     from foresight_core.models import load_tokenizer
     tok = load_tokenizer(ModelConfig(source="tiny"))
     for env, tool in (("search", "<search>query</search>"), ("math", "<python>code</python>")):
-        full, plain = system_prompt(env), system_prompt(env, foresight=False)
+        full, plain = system_prompt(env), system_prompt(env, "plain")
         assert tool in full and "<answer>" in full and "<observation>" in full
         assert all(f"<{t}>" in full for t in ("imaginary", "keyword", "analysis", "confidence", "think", "action"))
         assert "<imaginary>" not in plain and "<think>" in plain
@@ -231,7 +263,7 @@ fast = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 @given(turns)
 def test_render_parse_round_trip(turn):
     text = render_turn(turn)
-    p = parse_turn(text, require_wm=turn.wm is not None)
+    p = parse_turn(text, "foresight" if turn.wm is not None else "any")
     assert p.valid, (p.reason, text)
     assert p.turn == turn
     assert p.has_wm == (turn.wm is not None)
@@ -256,7 +288,7 @@ def test_round_trip_python_and_any_confidence(src, q):
                             | st.text(max_size=4)).map("".join),
        st.booleans())
 def test_parse_never_raises_on_arbitrary_text(text, require_wm):
-    p = parse_turn(text, require_wm=require_wm)
+    p = parse_turn(text, "foresight" if require_wm else "plain")
     assert p.valid == (p.reason is None)
     assert all(0 <= a <= b <= len(text) for a, b in p.spans.values())
 

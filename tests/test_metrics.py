@@ -166,3 +166,24 @@ def test_bootstrap_and_paired_difference():
     assert (diff, n) == (0.5, 2) and 0.0 <= lo <= diff <= hi <= 1.0  # t1 +1, t2 0; t3 and t4 are not paired
     with pytest.raises(ValueError, match="share no key"):
         paired_difference({"a": 1}, {"b": 1})
+
+
+def test_seeds_tasks_interval_hand_cases():
+    from foresight_core.metrics import seeds_tasks_interval
+
+    # seed 0 solves t1 and t2, seed 1 solves t1 only: seed means 1.0 and 0.5 -> 0.75
+    values = {(0, "t1"): 1.0, (0, "t2"): 1.0, (1, "t1"): 1.0, (1, "t2"): 0.0}
+    mean, lo, hi = seeds_tasks_interval(values, seed=3)
+    assert mean == pytest.approx(0.75) and 0.0 <= lo <= mean <= hi <= 1.0
+    assert seeds_tasks_interval({(0, "a"): 0.4, (1, "a"): 0.4, (1, "b"): 0.4}) == pytest.approx((0.4, 0.4, 0.4))
+    # one seed: the task bootstrap alone, about mean +- 1.96 * sd / sqrt(n)
+    one = {(0, f"t{i}"): float(i % 2) for i in range(100)}
+    mean, lo, hi = seeds_tasks_interval(one, seed=1)
+    assert mean == 0.5 and hi - lo == pytest.approx(0.196, abs=0.03)
+    # seed noise widens it: the same tasks, seed means 0.3 / 0.5 / 0.7
+    three = {(s, f"t{i}"): float(i % 10 < 3 + 2 * s) for s in range(3) for i in range(100)}
+    mean3, lo3, hi3 = seeds_tasks_interval(three, seed=1)
+    assert mean3 == pytest.approx(0.5) and hi3 - lo3 > hi - lo
+    assert seeds_tasks_interval(three, seed=1) == (mean3, lo3, hi3)  # seeded: reproducible
+    with pytest.raises(ValueError, match="no values"):
+        seeds_tasks_interval({})

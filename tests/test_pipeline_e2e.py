@@ -67,19 +67,37 @@ def test_tiny_pipeline_end_to_end_then_ablation(prefect_server, ray_local, tiny_
                    for ln in lines), stage
     assert f"final model: {refs['fc_rl.model_uri']}" in lines
 
-    # two rows of the method table: the full row reuses every stage of the run above
+    # a tiny method table: three rows at two seeds; seed 0's full row reuses every stage of the run above
     table = load_ablation("paper_table")
-    table = table.model_copy(update={"variants": [v for v in table.variants if v.name in ("full", "fe_sft_only")]})
-    out = ablation(tiny_cfg, table)
+    rows_kept = ("full", "full_omega0", "fe_sft_only")
+    table = table.model_copy(update={"variants": [v for v in table.variants if v.name in rows_kept],
+                                     "seeds": [0, 1], "n_boot": 200})
+    # without test-time planning: three decoding modes would triple every evaluation (CI time)
+    ablation_cfg = tiny_cfg.model_copy(update={"eval": tiny_cfg.eval.model_copy(update={"plan_candidates": 0})})
+    out = ablation(ablation_cfg, table)
     rows = {r["variant"]: r for r in out["rows"]}
-    assert set(rows) == {"full", "fe_sft_only"} and "direct/score" in rows["full"]
+    assert set(rows) == set(rows_kept) and all(r["seeds"] == [0, 1] for r in rows.values())
+    for name, row in rows.items():
+        for bench, b in row["benchmarks"].items():
+            assert b["score"]["lo"] <= b["score"]["mean"] <= b["score"]["hi"], (name, bench)
+            assert b["score"]["n"] == 2 * tiny_cfg.eval.max_tasks  # (seed, task) cells: 2 seeds x the tasks
+            assert ("vs_reference" in b) == (name != "full")
+    assert set(rows["full"]["benchmarks"]) == {"search_world", "gsm_symbolic"}
     children = client.search_runs([client.get_run(parent).info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{out['ablation.run_id']}'")
-    assert {r.data.tags["foresight.variant"] for r in children} == {"full", "fe_sft_only"}
-    full = next(r for r in children if r.data.tags["foresight.variant"] == "full")
+    assert sorted((r.data.tags["foresight.variant"], r.data.tags["foresight.seed"]) for r in children) == \
+        sorted((v, s) for v in rows_kept for s in ("0", "1"))
+    full = next(r for r in children if r.data.tags["foresight.variant"] == "full" and r.data.tags["foresight.seed"] == "0")
     full_refs = json.loads(Path(client.download_artifacts(full.info.run_id, "refs.json")).read_text())
     assert full_refs["fc_rl.reused"] == "true" and full_refs["fc_rl.run_id"] == refs["fc_rl.run_id"]
+    assert full_refs["eval.reused"] == "false"  # the evaluation without planning is another stage
+    omega0 = next(r for r in children if r.data.tags["foresight.variant"] == "full_omega0"
+                  and r.data.tags["foresight.seed"] == "0")
+    omega0_refs = json.loads(Path(client.download_artifacts(omega0.info.run_id, "refs.json")).read_text())
+    assert omega0_refs["fe_sft.run_id"] == refs["fe_sft.run_id"]  # shared: only FC-RL and eval differ
     table_md = Path(client.download_artifacts(out["ablation.run_id"], "ablation_table.md")).read_text()
-    assert "| full |" in table_md and "| fe_sft_only |" in table_md
+    assert "### search_world" in table_md and "| full |" in table_md and "| fe_sft_only |" in table_md
+    logged = json.loads(Path(client.download_artifacts(out["ablation.run_id"], "ablation_table.json")).read_text())
+    assert logged["reference"] == "full" and [r["variant"] for r in logged["rows"]] == [v.name for v in table.variants]
     # ablation variants are evidence, not candidates: nothing more in the registry
     assert len(client.search_model_versions("name = 'foresight-tiny'")) == 1

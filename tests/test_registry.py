@@ -40,7 +40,9 @@ def test_first_better_worse(cfg, tmp_path):
     assert str(client.get_model_version_by_alias("foresight-tiny", "champion").version) == "1"
     v1 = client.get_model_version("foresight-tiny", "1")
     assert v1.tags["foresight.corpus.key"] == "abc" and v1.tags["prefect.flow_run_id"] == "f-1"
-    assert v1.source.endswith("/model") and v1.tags[PROMOTED_TAG] == "true"
+    assert v1.source.endswith("/agent") and v1.tags[PROMOTED_TAG] == "true"  # the servable agent, beside the weights
+    files = {f.path for f in client.list_artifacts(v1.run_id, "agent")}
+    assert {"agent/MLmodel", "agent/artifacts"} <= files
 
     # better by 0.5 on the paired tasks (> margin 0.1): takes the alias
     better = register_and_promote(cfg, *trained_and_evaluated(cfg, tmp_path, {"sw/a": 1.0, "sw/b": 0.0}, "m2"), lineage)

@@ -52,6 +52,7 @@ def test_loss_masks_hand_built():
     assert loss_mask(s, "assistant") == [0, 0, 1, 1, 0, 0, 1, 1]  # FE-SFT
     assert loss_mask(s, "all") == [1, 1, 1, 1, 0, 0, 1, 1]  # WM-AMT: all but observations
     assert loss_mask(s, "all", train_on_observations=True) == [1] * 8
+    assert loss_mask(s, "observation") == [0, 0, 0, 0, 1, 1, 0, 0]  # IWM: the environment's answers alone
     # packed (seq_len 8): targets are the next tokens that are masked in; 1 and 5, 6 never are
     p = pack([LMSample(s.input_ids, {"loss": loss_mask(s, "all")})], 8, 0)
     assert p.labels["loss"].tolist() == [[2, 3, 4, IGNORE, IGNORE, 7, 8, IGNORE]]
@@ -75,6 +76,16 @@ def test_loss_masks_on_a_real_trajectory(tok):
     # the held-out world-model loss reads the four world-model tags of both turns
     wm = decoded_targets(tok, s, s.wm_mask)
     assert wm.startswith("<imaginary>find fact 0") and wm.count("<confidence>") == 2
+    # IWM: the targets are the observation (the next state), given the history and the action
+    assert decoded_targets(tok, s, loss_mask(s, "observation")) == render_observation(traj.steps[0].observation)
+
+
+def test_state_sft_renders_the_roadmap_without_keywords_or_confidence(tok):
+    traj = trajectory(1)
+    s = tokenize_messages(tok, trajectory_messages(traj, "state"))
+    wm = decoded_targets(tok, s, s.wm_mask)
+    assert wm.startswith("<imaginary>find fact 0") and wm.count("<imaginary>") == 2
+    assert "<keyword>" not in tok.decode(s.input_ids) and "<confidence>" not in tok.decode(s.input_ids)
 
 
 # ---------------------------------------------------------------------------- fused loss

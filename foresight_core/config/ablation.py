@@ -25,16 +25,30 @@ class Variant(StrictModel):
     """Short name of the row (a tag and a metric prefix in MLflow)."""
     paper_row: str = ""
     """The row of the paper's table this variant reproduces."""
+    changes: str = ""
+    """What this row changes against the full method, in words (shown in the table and the plan)."""
     stages: list[Stage]
     """Stages this row runs, in pipeline order (corpus and eval are always wanted)."""
     overrides: dict[str, Any] = {}
     """Dotted config paths and values applied on top of the base config (as ``--set``: a mapping value
     changes only the fields it names)."""
+    plain_twin: str | None = None
+    """The row with the same recipe but no world-model spans: this row's token overhead of foresight is
+    its tokens per episode against the twin's (left blank when the twin is not run)."""
 
 
 class AblationConfig(StrictModel):
     variants: list[Variant]
     """The rows of the table."""
+    seeds: list[int] = Field(default=[0, 1, 2], min_length=1)
+    """Seeds every row runs at (``seed``: its corpus draw, training order and sampling); the table shows the
+    mean over seeds and tasks with a bootstrap interval over both."""
+    reference: str = "full"
+    """The row every other row is compared with, paired on the same (seed, task) cells."""
+    level: float = Field(default=0.95, gt=0, lt=1)
+    """Confidence level of the intervals."""
+    n_boot: int = Field(default=2000, ge=100)
+    """Bootstrap draws per interval."""
 
     @model_validator(mode="after")
     def _unique_names(self) -> "AblationConfig":
@@ -43,6 +57,8 @@ class AblationConfig(StrictModel):
             raise ValueError(f"variant names must be unique, got {names}")
         if not names:
             raise ValueError("an ablation needs at least one variant")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct, got {self.seeds}")
         return self
 
 
@@ -55,7 +71,12 @@ def load_ablation(name_or_path: str) -> AblationConfig:
         known = ", ".join(sorted(p.stem for p in ABLATION_DIR.glob("*.yaml")))
         raise ConfigError(f"unknown ablation table {name_or_path!r}; tables: {known}")
     try:
-        return AblationConfig.model_validate(yaml.safe_load(path.read_text()) or {})
+        table = AblationConfig.model_validate(yaml.safe_load(path.read_text()) or {})
+        names = {v.name for v in table.variants}
+        for v in table.variants:  # a subset (``--only``) may leave a twin out; the file may not
+            if v.plain_twin is not None and v.plain_twin not in names:
+                raise ConfigError(f"{path}: variant {v.name}: plain_twin {v.plain_twin!r} is not a row of the table")
+        return table
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, str(path))) from None
     except yaml.YAMLError as e:

@@ -59,6 +59,18 @@ class CorpusConfig(StrictModel):
     """What q_t estimates. state: V(s_t), re-rollouts from the steps before t (the policy picks a_t
     afresh). action: Q(s_t, a_t), re-rollouts that first take the recorded action a_t (the first step of
     the roadmap), so a premature guess gets its own outcome as q."""
+    q_policy: Literal["behaviour", "matched"] = "behaviour"
+    """Whose success q_t estimates. behaviour: the Monte Carlo value of the policy that played (the scripted
+    expert succeeds far more often than a small student, so its q labels teach overconfidence). matched:
+    re-rollouts of a weakened scripted expert whose success rate on the training tasks matches
+    ``q_target_success``, so q describes a policy as strong as the one that will state it. The corpus
+    finds the weakening by bisection and records it in its manifest (``q_policy``)."""
+    q_target_success: float = Field(default=0.2, ge=0, le=1)
+    """``q_policy: matched``: the success rate the labelling policy is matched to: set it to the student's
+    (e.g. the success rate of the FE-SFT format check, or of an earlier evaluation)."""
+    q_noise: ExpertNoiseConfig | None = None
+    """The noise of the scripted expert whose re-rollouts label q, set by hand (None: the behaviour
+    policy, or the matched one). Overrides ``q_policy``."""
     plain_share: float = Field(default=0.2, ge=0, le=1)
     """Share of trajectories also kept un-annotated in the WM-AMT corpus (plain agentic data)."""
     general_text: Literal["none", "world_passages", "wiki_offline"] = "world_passages"
@@ -88,4 +100,7 @@ class CorpusConfig(StrictModel):
     def _llm_needs_model(self) -> "CorpusConfig":
         if self.behaviour == "llm" and self.llm is None:
             raise ValueError("corpus.behaviour 'llm' needs a corpus.llm section (model, temperature, ...)")
+        if self.behaviour == "llm" and (self.q_policy == "matched" or self.q_noise is not None):
+            raise ValueError("corpus.q_policy 'matched' and corpus.q_noise weaken the scripted expert: they need "
+                             "corpus.behaviour 'expert'")
         return self

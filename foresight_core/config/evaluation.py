@@ -26,8 +26,9 @@ class EvalConfig(StrictModel):
     """Turn limit of an episode (None: the environment's own, e.g. ``envs.search_world.max_turns``)."""
     max_context_tokens: int = Field(default=4096, ge=64)
     """Prompt plus response tokens of one episode."""
-    turn_format: Literal["foresight", "plain"] = "foresight"
-    """foresight: the model must write the world-model block each turn; plain: think/action only (baselines)."""
+    turn_format: Literal["foresight", "state", "plain"] = "foresight"
+    """foresight: the model must write the world-model block each turn; state: the imagined roadmap alone then
+    think/action (State-SFT); plain: think/action only (baselines). Confidence metrics need foresight."""
     plan_candidates: int = Field(default=4, ge=0)
     """Test-time planning with the internal world model: at every turn sample K candidate turns and act on the
     well-formed one with the highest verbalised confidence; reported beside the plain run. 0 or 1: off."""

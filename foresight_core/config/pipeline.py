@@ -13,6 +13,7 @@ from foresight_core.config.evaluation import EvalConfig
 from foresight_core.config.infra import InfraConfig
 from foresight_core.config.model import ModelConfig
 from foresight_core.config.registry import RegistryConfig
+from foresight_core.config.serve import ServeConfig
 from foresight_core.config.rl import FCRLConfig
 from foresight_core.config.train import SFTConfig
 
@@ -47,5 +48,7 @@ class PipelineConfig(StrictModel):
     """Benchmark evaluation."""
     registry: RegistryConfig = RegistryConfig()
     """After evaluation: the final model's version in MLflow's Model Registry, and its promotion."""
+    serve: ServeConfig = ServeConfig()
+    """The registered agent: abstention, turn and planning defaults and limits of its requests."""
     num_threads: int | None = Field(default=None, ge=1)
     """torch intra-op threads per process (None: torch's default)."""

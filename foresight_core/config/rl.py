@@ -35,9 +35,11 @@ class FCRLConfig(StrictModel):
     """Gradient-norm clipping."""
 
     # -- rollouts
-    turn_format: Literal["foresight", "plain", "raw"] = "foresight"
-    """foresight: every turn must carry the world-model block then think/action. plain: think/action only
-    (the no-foresight baselines). raw: one turn whose whole text is the answer (single-turn GRPO, the benchmark)."""
+    turn_format: Literal["foresight", "state", "plain", "raw"] = "foresight"
+    """foresight: every turn must carry the world-model block then think/action. state: the imagined roadmap
+    alone then think/action (State-SFT & RL; its tokens get the episode advantage). plain: think/action only
+    (the no-foresight baselines). Only foresight states a confidence and keywords, so the calibration and
+    grounding rewards and omega act in that format alone. raw: one turn whose whole text is the answer (single-turn GRPO, the benchmark)."""
     engine: Literal["hf", "vllm"] = "hf"
     """Rollout engine: Hugging Face generate (CPU; samples from the learner's own module) or vLLM (GPU; weights
     synced after every step)."""

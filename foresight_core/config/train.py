@@ -32,8 +32,10 @@ class ScalingConfig(StrictModel):
 class SFTConfig(StrictModel):
     enabled: bool = True
     """Run this stage (off: the next stage starts from this stage's input model)."""
-    loss_on: Literal["all", "assistant"] = "all"
-    """all: next-token loss on every non-masked token (WM-AMT). assistant: assistant tokens only (FE-SFT)."""
+    loss_on: Literal["all", "assistant", "observation"] = "all"
+    """all: next-token loss on every non-masked token (WM-AMT). assistant: assistant tokens only (FE-SFT).
+    observation: observation tokens only, the environment's answer to each action (implicit world modelling,
+    the IWM baseline of Early Experience, arXiv 2510.08558: predict s' from the history and a)."""
     train_on_observations: bool = False
     """WM-AMT only: include observation tokens in the loss (the paper never trains on them in SFT/RL)."""
     seq_len: int = Field(default=1024, ge=32)
@@ -66,8 +68,10 @@ class SFTConfig(StrictModel):
     long_samples: Literal["split", "truncate"] = "split"
     """Samples longer than ``seq_len``: split into overlapping chunks (every target trained once, later
     chunks without the earlier context) or truncated to their first ``seq_len`` tokens. Both are counted."""
-    foresight: bool = True
-    """Render world-model blocks where a trajectory has them (off: the plain-SFT baseline, blocks dropped)."""
+    turn_format: Literal["foresight", "state", "plain"] = "foresight"
+    """How the corpus's turns are rendered: foresight, the whole world-model block where a step has one;
+    state, its imagined roadmap alone (State-SFT: no keywords, no confidence); plain, no block (plain SFT).
+    The format check plays in the same format."""
     activation_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass: less memory, ~30% more compute."""
     eval_at_start: bool = True

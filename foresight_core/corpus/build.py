@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from foresight_core.config.pipeline import PipelineConfig
-from foresight_core.corpus.collect import CollectStats, sequential_map
+from foresight_core.corpus.collect import CollectStats, match_weakness, sequential_map, weakened
 from foresight_core.corpus.key import corpus_key, corpus_uri
 from foresight_core.corpus.plan import plan_corpus
 from foresight_core.corpus.write import Manifest, write_corpus
@@ -33,6 +33,7 @@ def build_corpus(cfg: PipelineConfig, out_uri: str | None = None, map_fn: MapFn 
         return Manifest(uri=out_uri, data=existing, reused=True)
     t0 = time.perf_counter()
     plan = plan_corpus(cfg)
+    cfg, q_policy = labelling_policy(cfg, plan)
     t1 = time.perf_counter()
     stats = CollectStats()
     if map_fn is None:
@@ -42,4 +43,23 @@ def build_corpus(cfg: PipelineConfig, out_uri: str | None = None, map_fn: MapFn 
     t2 = time.perf_counter()
     timing = {"plan_s": t1 - t0, "collect_s": t2 - t1, "map": "sequential" if map_fn is None else "custom",
               **({"collect_stats": dataclasses.asdict(stats)} if map_fn is None else {})}
-    return write_corpus(rows, plan, cfg, out_uri, timing)
+    return write_corpus(rows, plan, cfg, out_uri, timing, q_policy, key)  # the key of the config as asked
+
+
+MATCH_TASKS = 48
+"""Training tasks (evenly spread) the matched labelling policy is measured on."""
+
+
+def labelling_policy(cfg: PipelineConfig, plan: Any) -> tuple[PipelineConfig, dict[str, Any]]:
+    """The config whose ``corpus.q_noise`` is the expert that labels q, and what the manifest records of it.
+    ``q_policy: matched`` (with no ``q_noise`` given) bisects the weakening here, once, before collection."""
+    c = cfg.corpus
+    if c.q_noise is not None:
+        return cfg, {"policy": "expert", "noise": c.q_noise.model_dump(), "source": "corpus.q_noise"}
+    if c.q_policy == "behaviour":
+        return cfg, {"policy": c.behaviour, "source": "behaviour"}
+    tasks = plan.rl_tasks[::max(1, len(plan.rl_tasks) // MATCH_TASKS)][:MATCH_TASKS]
+    match = match_weakness(cfg, tasks, c.q_target_success)
+    noise = weakened(c.noise, match["weakness"])
+    cfg = cfg.model_copy(update={"corpus": c.model_copy(update={"q_noise": noise})})
+    return cfg, {"policy": "expert", "noise": noise.model_dump(), "source": "matched", **match}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from foresight_core.agent import play_episode
-from foresight_core.config.corpus import CorpusConfig
+from foresight_core.config.corpus import CorpusConfig, ExpertNoiseConfig
 from foresight_core.config.pipeline import PipelineConfig
 from foresight_core.corpus.annotate import annotate_step
 from foresight_core.envs import env_for_task
@@ -132,13 +132,17 @@ class Rollouts:
             self._envs[k] = MemoEnv(task, lambda t: env_for_task(t, self.cfg.envs), self._steps, self.stats)
         return self._envs[k]
 
-    def play(self, task: Task, rng: random.Random, prefix: Sequence[Step] = ()) -> Trajectory:
-        return play_episode(self.env(task), task, behaviour_policy(task, self.cfg.corpus), rng, prefix)
+    def play(self, task: Task, rng: random.Random, prefix: Sequence[Step] = (),
+             policy: Policy | None = None) -> Trajectory:
+        return play_episode(self.env(task), task, policy or behaviour_policy(task, self.cfg.corpus), rng, prefix)
 
     def outcomes(self, task: Task, prefix: Sequence[Step], n: int, salt: str) -> list[bool]:
-        """Successes of ``n`` rollouts from s_t; rollout i's rng is seeded by (seed, salt, s_t, i)."""
+        """Successes of ``n`` rollouts from s_t by the policy q describes (``corpus.q_noise``'s expert when
+        set, else the behaviour policy); rollout i's rng is seeded by (seed, salt, s_t, i)."""
         key = state_key(task, prefix)
-        return [self.play(task, random.Random(f"{self.cfg.seed}/{salt}/{key}/{i}"), prefix).success
+        q_noise = self.cfg.corpus.q_noise
+        policy = expert_for(task, q_noise) if q_noise is not None else None
+        return [self.play(task, random.Random(f"{self.cfg.seed}/{salt}/{key}/{i}"), prefix, policy).success
                 for i in range(n)]
 
     def q_estimate(self, task: Task, prefix: Sequence[Step]) -> tuple[int, int]:
@@ -152,6 +156,49 @@ class Rollouts:
         self.stats.mc_rollouts += n
         self._q[key] = (k, n)
         return k, n
+
+
+# ---------------------------------------------------------------------------------------------
+# 2b'. A labelling policy matched to the student
+
+
+def weakened(noise: ExpertNoiseConfig, w: float) -> ExpertNoiseConfig:
+    """The expert's noise moved a share ``w`` in [0, 1] of the way to a hopeless expert (every query wrong,
+    every step a premature guess, every sum slipped, no retry): w = 0 is ``noise``, w = 1 almost never wins."""
+    if not 0.0 <= w <= 1.0:
+        raise ValueError(f"weakening must be in [0, 1], got {w}")
+    return ExpertNoiseConfig(wrong_query=noise.wrong_query + w * (1 - noise.wrong_query),
+                             premature_answer=noise.premature_answer + w * (1 - noise.premature_answer),
+                             arithmetic_slip=noise.arithmetic_slip + w * (1 - noise.arithmetic_slip),
+                             retry_after_miss=noise.retry_after_miss * (1 - w))
+
+
+def match_weakness(cfg: PipelineConfig, tasks: Sequence[Task], target: float, episodes: int = 2,
+                   iterations: int = 10) -> dict[str, float]:
+    """Bisect the weakening w of ``cfg.corpus.noise`` until the expert's success rate on ``tasks`` (``episodes``
+    seeded episodes each, the same draws for every w) is closest to ``target``. Success falls as w grows;
+    the result is ``{"weakness": w, "success": its rate, "target": target, "episodes": n}``."""
+    if not tasks:
+        raise ValueError("match_weakness: no training tasks to measure the labelling policy on")
+    ro = Rollouts(cfg)
+
+    def success(w: float) -> float:
+        noise = weakened(cfg.corpus.noise, w)
+        wins = [ro.play(t, random.Random(f"{cfg.seed}/match/{t.env}/{t.id}/{i}"), policy=expert_for(t, noise)).success
+                for t in tasks for i in range(episodes)]
+        return sum(wins) / len(wins)
+
+    lo, hi = 0.0, 1.0
+    at_lo, at_hi = success(lo), success(hi)
+    best = min(((lo, at_lo), (hi, at_hi)), key=lambda p: abs(p[1] - target))
+    if at_lo > target > at_hi:
+        for _ in range(iterations):
+            mid = (lo + hi) / 2
+            s = success(mid)
+            if abs(s - target) < abs(best[1] - target):
+                best = (mid, s)
+            lo, hi = (mid, hi) if s > target else (lo, mid)
+    return {"weakness": best[0], "success": best[1], "target": target, "episodes": float(len(tasks) * episodes)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -122,7 +122,8 @@ def corpus_summary(rows: list[CorpusRow]) -> dict[str, Any]:
 
 
 def write_corpus(rows: list[dict[str, Any]], plan: CorpusPlan, cfg: PipelineConfig, out_uri: str,
-                 timing: dict[str, Any] | None = None) -> Manifest:
+                 timing: dict[str, Any] | None = None, q_policy: dict[str, Any] | None = None,
+                 key: str | None = None) -> Manifest:
     """Write every dataset under ``out_uri`` and manifest.json last; returns the manifest.
 
     ``rows``: the collected trajectory rows as ``collect_items`` returns them (``CorpusRow.to_dict()``)."""
@@ -154,9 +155,9 @@ def write_corpus(rows: list[dict[str, Any]], plan: CorpusPlan, cfg: PipelineConf
 
     summary = corpus_summary(parsed)
     manifest = {
-        "stage": "corpus", "key": corpus_key(cfg), "code_version": code_version(),
+        "stage": "corpus", "key": key or corpus_key(cfg), "code_version": code_version(),
         "config": cfg.model_dump(mode="json"),  # SecretStr fields dump as "**********"
-        "format": ext, "created_unix": time.time(), "timing": timing or {},
+        "format": ext, "created_unix": time.time(), "timing": timing or {}, "q_policy": q_policy or {},
         "datasets": {name: {"file": f"{name}.{ext}", "rows": len(rs)} for name, rs in datasets.items()},
         "counts": {**{name: len(rs) for name, rs in datasets.items()}, "items": len(plan.items),
                    "text_rows": sum(r.kind == "text" for r in corpus["wm_amt"]),

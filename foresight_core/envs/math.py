@@ -105,19 +105,21 @@ class MathEnv:
     stays deterministic given the task and the actions, and replays cost no new process.
     """
 
-    def __init__(self, sandbox_cfg: SandboxConfig | None = None, max_turns: int = 4, name: str = "math"):
+    def __init__(self, sandbox_cfg: SandboxConfig | None = None, max_turns: int = 4, name: str = "math",
+                 scored: bool = True):
         if max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, got {max_turns}")
         self.sandbox_cfg = sandbox_cfg or SandboxConfig()
         self.max_turns = max_turns
         self.name = name
+        self.scored = scored  # False: a served question, no gold answer, the final answer is not scored
         self._task: Task | None = None
         self._turns = 0
         self._done = False
 
     def reset(self, task: Task) -> str:
         """Start an episode on ``task``; returns the question shown to the agent."""
-        if not task.answers:
+        if self.scored and not task.answers:
             raise ValueError(f"task {task.id} has no gold answers")
         self._task, self._turns, self._done = task, 0, False
         return task.question
@@ -131,7 +133,7 @@ class MathEnv:
         info: dict[str, Any] = {"turns": self._turns}
         if action.kind == "answer":
             self._done = True
-            score = self.reward(action.content, self._task)
+            score = self.reward(action.content, self._task) if self.scored else 0.0
             return StepResult(observation=None, done=True, success=score == 1.0, score=score, info=info)
         if action.kind == "python":
             res, cached = run_python_cached(action.content, self.sandbox_cfg)

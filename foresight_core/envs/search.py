@@ -147,20 +147,21 @@ class SearchEnv:
     """Multi-turn search QA over a BM25 index; follows the ``Env`` protocol (envs/base.py)."""
 
     def __init__(self, passages: Sequence[dict[str, Any]] | BM25Index, top_k: int = 3, max_turns: int = 4,
-                 name: str = "search"):
+                 name: str = "search", scored: bool = True):
         if top_k < 1 or max_turns < 1:
             raise ValueError(f"top_k and max_turns must be >= 1, got top_k={top_k}, max_turns={max_turns}")
         self.index = passages if isinstance(passages, BM25Index) else index_for(passages)
         self.top_k = top_k
         self.max_turns = max_turns
         self.name = name
+        self.scored = scored  # False: a served question, no gold answer, the final answer is not scored
         self._task: Task | None = None
         self._turns = 0
         self._done = False
 
     def reset(self, task: Task) -> str:
         """Start an episode on ``task``; returns the question shown to the agent."""
-        if not task.answers:
+        if self.scored and not task.answers:
             raise ValueError(f"task {task.id} has no gold answers")
         self._task, self._turns, self._done = task, 0, False
         return task.question
@@ -180,6 +181,8 @@ class SearchEnv:
         self._turns += 1
         if action.kind == "answer":
             self._done = True
+            if not self.scored:
+                return StepResult(observation=None, done=True, success=False, score=0.0, info={"turns": self._turns})
             em = exact_match(action.content, self._task.answers)
             f1 = f1_score(action.content, self._task.answers)
             return StepResult(observation=None, done=True, success=em == 1.0, score=em,

@@ -99,7 +99,7 @@ class LLMPolicy:
     def messages(self, task: Task, history: list[Step]) -> list[dict]:
         from foresight_core.chat import trajectory_messages
         so_far = Trajectory(task=task, steps=list(history), success=False, score=0.0, policy=self.name)
-        return trajectory_messages(so_far, foresight=self.foresight)
+        return trajectory_messages(so_far, "foresight" if self.foresight else "plain")
 
     def generate(self, messages: list[dict], rng: random.Random) -> str:
         import torch
@@ -120,7 +120,7 @@ class LLMPolicy:
     def act(self, task: Task, history: list[Step], rng: random.Random) -> Turn:
         from foresight_core.format import parse_turn
         raw = self.generate(self.messages(task, history), rng)
-        parsed = parse_turn(raw, require_wm=False)
+        parsed = parse_turn(raw, "any")
         if parsed.turn is None:
             return invalid_turn(raw, parsed.reason or "no action")
         turn = parsed.turn
