@@ -34,7 +34,7 @@ tiny: install
 
 # pytest exits 5 when it collects no test: that is not a failure of the suite
 test: install
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=30 $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
 
 ui: install

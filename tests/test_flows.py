@@ -57,7 +57,7 @@ def test_flow_parameter_is_a_form() -> None:
         assert props["cfg"]["anyOf"][0] == {"$ref": "#/definitions/PipelineConfig"}
         # field docstrings become the form's help text; enums and defaults are there; secrets are password fields
         assert "Monte Carlo" in defs["CorpusConfig"]["properties"]["mc_rollouts"]["description"]
-        assert defs["SFTConfig"]["properties"]["loss_on"]["enum"] == ["all", "assistant"]
+        assert defs["SFTConfig"]["properties"]["loss_on"]["enum"] == ["all", "assistant", "observation"]
         assert defs["CorpusConfig"]["properties"]["mc_rollouts"]["default"] == 16
         assert defs["StorageConfig"]["properties"]["secret"]["anyOf"][0]["format"] == "password"
     assert "scheduled" in parameter_schema(retrain).model_dump_for_openapi()["properties"]["data_version"]["description"]

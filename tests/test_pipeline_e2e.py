@@ -53,6 +53,10 @@ def test_tiny_pipeline_end_to_end_then_ablation(prefect_server, ray_local, tiny_
     assert version.run_id == runs["fc_rl"].info.run_id and version.tags["foresight.eval.run_id"] == refs["eval.run_id"]
     assert version.tags["foresight.corpus.key"] == refs["corpus.key"] and version.tags["prefect.flow_run_id"]
     assert str(client.get_model_version_by_alias("foresight-tiny", "champion").version) == "1"
+    # the version is the servable agent, beside the weights in the FC-RL run (served in test_serving_mlflow.py)
+    assert version.source.endswith("/agent")
+    agent_files = {f.path for f in client.list_artifacts(version.run_id, "agent")}
+    assert "agent/MLmodel" in agent_files
     # the end-of-run summary `foresight run` prints: one row per stage with its wall time, the final model
     from flows import cli
     from tasks.progress import clock
