@@ -164,11 +164,10 @@ def _ask(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 
 def _missing_gpus(cfg: PipelineConfig, table: Any) -> str | None:
     """Why the table cannot run here (its config asks for GPUs this machine lacks), or None."""
-    from foresight_core.config.ablation import apply_variant
+    from foresight_core.config.ablation import row_configs
 
     wants = set()
-    for v in table.variants:
-        vcfg = apply_variant(cfg, v)
+    for v, _, vcfg in row_configs(cfg, table, seeds=[cfg.seed]):
         for stage in ("wm_amt", "fe_sft", "fc_rl"):
             if stage in v.stages and getattr(vcfg, stage).scaling.use_gpu:
                 wants.add(f"{stage}.scaling.use_gpu")
@@ -371,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e))
     table = None
     if args.command == "ablate":
-        from foresight_core.config.ablation import apply_variant, load_ablation
+        from foresight_core.config.ablation import load_ablation, row_configs
 
         try:
             table = load_ablation(args.table)
@@ -393,8 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                     table = type(table).model_validate({**table.model_dump(), "seeds": seeds})
                 except ValidationError as e:
                     raise ConfigError(_format_validation_error(e, "--seeds")) from None
-            for v in table.variants:  # every variant's overrides checked before any work
-                apply_variant(cfg, v)
+            row_configs(cfg, table)  # every row's overrides checked at every seed, before any work
         except ConfigError as e:
             return _fail(str(e))
         from foresight_core.budget import ablation_plan, plan_text

@@ -374,7 +374,7 @@ def ablation(cfg: PipelineConfig, table: AblationConfig) -> dict[str, Any]:
     rows that train them alike). The table (``foresight_core.evidence``: means with intervals over tasks
     and seeds, paired differences against the reference row, planning against its random-of-K control)
     is logged as Markdown and JSON."""
-    from foresight_core.config.ablation import apply_variant
+    from foresight_core.config.ablation import row_configs
     from foresight_core.evidence import RowRun, RowSpec, evidence_table, table_markdown
     from tasks.evaluate import TASK_SCORES
     from tasks.tracking import run_json, run_metrics
@@ -382,8 +382,7 @@ def ablation(cfg: PipelineConfig, table: AblationConfig) -> dict[str, Any]:
     cfg = revalidate(cfg)
     logger = get_run_logger()
     # every override checked before any work
-    runs_to_do = [(v, seed, apply_variant(cfg.model_copy(update={"seed": seed}), v))
-                  for seed in table.seeds for v in table.variants]
+    runs_to_do = row_configs(cfg, table)
     results: list[RowRun] = []
     with mlflow_run(cfg, f"{cfg.name}-ablation", stage="ablation",
                     tags={"prefect.flow_run_id": str(flow_run.id)}) as parent:

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from foresight_core.config.ablation import AblationConfig, apply_variant
+from foresight_core.config.ablation import AblationConfig, row_configs
 from foresight_core.config.pipeline import PipelineConfig
 
 TRAIN_STAGES = ("wm_amt", "fe_sft", "fc_rl")
@@ -131,15 +131,13 @@ def ablation_plan(cfg: PipelineConfig, table: AblationConfig, seeds: Sequence[in
     unique: dict[str, dict[str, float]] = {}  # fingerprint -> its stage and FLOPs per parameter
     stage_of: dict[str, str] = {}
     naive: dict[str, int] = {}
-    rows = []
-    for v in table.variants:
-        rows.append({"name": v.name, "paper_row": v.paper_row, "changes": v.changes, "stages": list(v.stages)})
-        for seed in seeds:
-            vcfg = apply_variant(cfg.model_copy(update={"seed": seed}), v)
-            for stage, fp in stage_chain(vcfg, v.stages):
-                naive[stage] = naive.get(stage, 0) + 1
-                if fp not in unique:
-                    unique[fp], stage_of[fp] = stage_flops(vcfg, stage), stage
+    rows = [{"name": v.name, "paper_row": v.paper_row, "changes": v.changes, "stages": list(v.stages)}
+            for v in table.variants]
+    for v, _, vcfg in row_configs(cfg, table, seeds):
+        for stage, fp in stage_chain(vcfg, v.stages):
+            naive[stage] = naive.get(stage, 0) + 1
+            if fp not in unique:
+                unique[fp], stage_of[fp] = stage_flops(vcfg, stage), stage
     executions: dict[str, int] = {}
     hours: dict[str, float] = {}
     for fp, flops in unique.items():

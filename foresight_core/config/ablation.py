@@ -94,3 +94,11 @@ def apply_variant(cfg: PipelineConfig, variant: Variant) -> PipelineConfig:
     for dotted, value in variant.overrides.items():
         set_path(data, dotted, value)
     return validate(data, f"ablation variant {variant.name}")
+
+
+def row_configs(cfg: PipelineConfig, table: AblationConfig,
+                seeds: list[int] | None = None) -> list[tuple[Variant, int, PipelineConfig]]:
+    """Every (row, seed) of the table as its pipeline config, seed-major (all rows of seed 0 first, so the
+    first seed's table is complete early); a bad override raises ``ConfigError`` naming it, before any work."""
+    return [(v, seed, apply_variant(cfg.model_copy(update={"seed": seed}), v))
+            for seed in (table.seeds if seeds is None else seeds) for v in table.variants]
