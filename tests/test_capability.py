@@ -191,3 +191,14 @@ def test_a_failing_check_is_reported_and_keeps_the_stage_result(tmp_path, capsys
     assert result.metrics == {"loss": 1.0}
     assert "format check failed" in tracker.tags["foresight.check.error"]
     assert "format check failed, the trained model is kept" in capsys.readouterr().out
+
+
+def test_state_turns_are_well_formed_in_the_state_format(tok):
+    state = ("<imaginary>search the founder, then answer</imaginary>\n<think>Thinking.</think>\n"
+             "<action><answer>Tamsor</answer></action>")
+    m = play_check(ScriptedEngine(tok, {0: [state]}), ChatBridge(tok), make_env, {"alpha": [task(0)]}, n_tasks=1,
+                   turn_format="state")
+    assert m["format_rate"] == 1.0 and m["success_rate"] == 1.0 and "ece" not in m  # no q: no calibration
+    full = play_check(ScriptedEngine(tok, {0: [state]}), ChatBridge(tok), make_env, {"alpha": [task(0)]}, n_tasks=1,
+                      turn_format="foresight")
+    assert full["format_rate"] == 0.0  # the same turn lacks the keywords and confidence the full format needs

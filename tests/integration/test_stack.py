@@ -78,7 +78,7 @@ def test_deployments_are_registered_with_the_typed_form(stack: Stack, deployed: 
         assert {"preset", "overrides", "cfg"} <= set(props)
         assert props["cfg"]["anyOf"][0] == {"$ref": "#/definitions/PipelineConfig"}
         assert "Monte Carlo" in defs["CorpusConfig"]["properties"]["mc_rollouts"]["description"]
-        assert defs["SFTConfig"]["properties"]["loss_on"]["enum"] == ["all", "assistant"]
+        assert defs["SFTConfig"]["properties"]["loss_on"]["enum"] == ["all", "assistant", "observation"]
         assert defs["StorageConfig"]["properties"]["secret"]["anyOf"][0]["format"] == "password"  # masked
     assert "data_version" in deployed["laptop-retrain"]["parameter_openapi_schema"]["properties"]
 
