@@ -154,7 +154,9 @@ def _ask(cfg: PipelineConfig, args: argparse.Namespace) -> int:
         return _fail(out["error"])
     q = "no confidence stated" if out["confidence"] is None else f"confidence {out['confidence']:.2f}"
     if out["abstained"]:
-        print(f"answer: {out['answer']}  ({q}; it would have said {out['proposed_answer']!r})")
+        guess = (f"it would have said {out['proposed_answer']!r}" if out["proposed_answer"] is not None
+                 else f"it gave no answer: {out['finish']}")
+        print(f"answer: {out['answer']}  ({q}; {guess})")
     else:
         print(f"answer: {out['answer'] if out['answer'] is not None else '(none: ' + out['finish'] + ')'}  ({q})")
     print(f"tokens: {out['tokens']}" + (f" (+{out['candidate_tokens']:.0f} planning candidates)"

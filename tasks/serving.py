@@ -137,6 +137,7 @@ def load_agent(cfg: PipelineConfig, model: str | None = None, passages: str | No
         import mlflow.artifacts
 
         mlflow.set_tracking_uri(tracking_uri(cfg))
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the turns are the display
         local = mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=tempfile.mkdtemp(prefix="foresight-ask-"))
         if (Path(local) / "MLmodel").exists():
             loaded = mlflow.pyfunc.load_model(local, model_config={"passages": passages} if passages else None)
