@@ -136,9 +136,14 @@ def load_agent(cfg: PipelineConfig, model: str | None = None, passages: str | No
     if model.startswith("models:/") or (model.startswith("runs:/") and model.rstrip("/").endswith(f"/{AGENT_ARTIFACT}")):
         import mlflow.artifacts
 
-        mlflow.set_tracking_uri(tracking_uri(cfg))
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the turns are the display
-        local = mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=tempfile.mkdtemp(prefix="foresight-ask-"))
+        before = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+        mlflow.set_tracking_uri(tracking_uri(cfg))  # models:/ resolves through the registry of this URI
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=model,
+                                                        dst_path=tempfile.mkdtemp(prefix="foresight-ask-"))
+        finally:  # leave the process's own URI as it was
+            mlflow.set_tracking_uri(before or "")
         if (Path(local) / "MLmodel").exists():
             loaded = mlflow.pyfunc.load_model(local, model_config={"passages": passages} if passages else None)
             return loaded.unwrap_python_model().agent
