@@ -207,10 +207,14 @@ def bootstrap_interval(values: Sequence[float], n_boot: int = 2000, level: float
     if not 0 < level < 1:
         raise ValueError(f"bootstrap_interval: level must be in (0, 1), got {level}")
     rng = random.Random(seed)
-    means = sorted(sum(rng.choices(xs, k=len(xs))) / len(xs) for _ in range(n_boot))
-    lo = means[int(math.floor((1 - level) / 2 * (n_boot - 1)))]
-    hi = means[int(math.ceil((1 + level) / 2 * (n_boot - 1)))]
-    return lo, hi
+    return _percentile_interval([sum(rng.choices(xs, k=len(xs))) / len(xs) for _ in range(n_boot)], level)
+
+
+def _percentile_interval(draws: Sequence[float], level: float) -> tuple[float, float]:
+    """The central ``level`` interval of bootstrap draws (the percentile method)."""
+    draws = sorted(draws)
+    return (draws[int(math.floor((1 - level) / 2 * (len(draws) - 1)))],
+            draws[int(math.ceil((1 + level) / 2 * (len(draws) - 1)))])
 
 
 def paired_difference(a: Mapping[str, float], b: Mapping[str, float], n_boot: int = 2000, level: float = 0.95,
@@ -256,7 +260,5 @@ def seeds_tasks_interval(values: Mapping[tuple[Any, Any], float], n_boot: int = 
         e = estimate(rng.choices(seeds, k=len(seeds)), rng.choices(tasks, k=len(tasks)))
         if e is not None:
             draws.append(e)
-    draws.sort()
-    lo = draws[int(math.floor((1 - level) / 2 * (len(draws) - 1)))]
-    hi = draws[int(math.ceil((1 + level) / 2 * (len(draws) - 1)))]
+    lo, hi = _percentile_interval(draws, level)
     return float(point), lo, hi
