@@ -28,7 +28,7 @@ from typing import Any
 import mlflow.pyfunc
 
 from foresight_core.config import PipelineConfig
-from tasks.tracking import mlflow_client, tracking_uri
+from tasks.tracking import download_artifacts, mlflow_client, tracking_uri
 
 AGENT_ARTIFACT = "agent"
 PASSAGES_ENV = "FORESIGHT_PASSAGES"
@@ -134,16 +134,8 @@ def load_agent(cfg: PipelineConfig, model: str | None = None, passages: str | No
 
     model = model or f"models:/{cfg.registry.model_name or f'foresight-{cfg.name}'}@{cfg.registry.alias}"
     if model.startswith("models:/") or (model.startswith("runs:/") and model.rstrip("/").endswith(f"/{AGENT_ARTIFACT}")):
-        import mlflow.artifacts
-
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the turns are the display
-        before = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
-        mlflow.set_tracking_uri(tracking_uri(cfg))  # models:/ resolves through the registry of this URI
-        try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=model,
-                                                        dst_path=tempfile.mkdtemp(prefix="foresight-ask-"))
-        finally:  # leave the process's own URI as it was
-            mlflow.set_tracking_uri(before or "")
+        local = download_artifacts(model, tracking_uri(cfg), tempfile.mkdtemp(prefix="foresight-ask-"))
         if (Path(local) / "MLmodel").exists():
             loaded = mlflow.pyfunc.load_model(local, model_config={"passages": passages} if passages else None)
             return loaded.unwrap_python_model().agent

@@ -126,6 +126,21 @@ def _client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri)
 
 
+def download_artifacts(uri: str, tracking: str, dst: str) -> str:
+    """A ``runs:/``, ``models:/`` or ``mlflow-artifacts:`` URI downloaded into ``dst`` through the store at
+    ``tracking``. A ``models:/<name>@alias`` or ``/<version>`` is resolved through that store's registry, so no
+    process-global tracking URI is read or set."""
+    import mlflow.artifacts
+
+    if uri.startswith("models:/"):
+        from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+        client = _client(tracking)
+        name, version = get_model_name_and_version(client, uri)
+        uri = client.get_model_version_download_uri(name, version)
+    return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst, tracking_uri=tracking)
+
+
 def mlflow_client(cfg: PipelineConfig) -> Any:
     """An MLflow client on the configured tracking URI (the registry's too)."""
     return _client(tracking_uri(cfg))

@@ -49,7 +49,7 @@ from foresight_core.tracking import Progress
 from tasks.progress import watch_stage
 from tasks.runtime import init_ray, mlflow_client_env, node_tags, setup_env, worker_threads
 from tasks.stage import MODEL_ARTIFACT, Launched, StageInput, StageSpec, run_stage, skipped
-from tasks.tracking import MlflowTracker, tracking_uri
+from tasks.tracking import MlflowTracker, download_artifacts, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,7 @@ def local_model_dir(model_uri: str, tracking: str, dst: str | os.PathLike) -> st
     """An HF model folder on this machine: ``runs:/`` / ``models:/`` / ``mlflow-artifacts:`` URIs
     are downloaded from MLflow into ``dst``; local paths are used as they are; ``s3://`` is copied."""
     if model_uri.startswith(("runs:/", "models:/", "mlflow-artifacts:")):
-        import mlflow.artifacts
-
-        return mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst), tracking_uri=tracking)
+        return download_artifacts(model_uri, tracking, str(dst))
     if is_local_uri(model_uri):
         path = local_path(model_uri)
         if not (path / "config.json").exists():
