@@ -132,7 +132,9 @@ def load_agent(cfg: PipelineConfig, model: str | None = None, passages: str | No
     from foresight_core.models import load_model
     from foresight_core.serving import Agent
 
-    model = model or f"models:/{cfg.registry.model_name or f'foresight-{cfg.name}'}@{cfg.registry.alias}"
+    from tasks.registry import model_name
+
+    model = model or f"models:/{model_name(cfg)}@{cfg.registry.alias}"
     if model.startswith("models:/") or (model.startswith("runs:/") and model.rstrip("/").endswith(f"/{AGENT_ARTIFACT}")):
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the turns are the display
         local = download_artifacts(model, tracking_uri(cfg), tempfile.mkdtemp(prefix="foresight-ask-"))
