@@ -106,7 +106,7 @@ def reference(spec: StageSpec, run_id: str, key: str, tags: dict[str, str], metr
               reused: bool) -> dict[str, Any]:
     return {"stage": spec.stage, "run_id": run_id, "run_key": key,
             "model_uri": f"runs:/{run_id}/{MODEL_ARTIFACT}" if spec.produces_model else None,
-            "checkpoint": tags.get("foresight.output.checkpoint"), "metrics": dict(metrics), "reused": reused}
+            "checkpoint": tags.get("foresight.output.checkpoint") or None, "metrics": dict(metrics), "reused": reused}
 
 
 def skipped(stage: str, init_model_uri: str | None) -> dict[str, Any]:

@@ -203,9 +203,29 @@ def fit_stage(worker: Any, loop_config: dict[str, Any], cfg: PipelineConfig, sta
     with watch_stage(stage, tracker):  # the workers print nowhere: progress comes from the run rank 0 logs to
         result = trainer.fit()
     checkpoint_path = result.checkpoint.path if result.checkpoint is not None else ""
-    if storage_fs is not None and checkpoint_path:
-        checkpoint_path = join_uri(cfg.work_dir.split("://")[0] + "://", checkpoint_path)
-    return result, {"foresight.output.checkpoint": checkpoint_path, "foresight.ray_run": result.path}
+    scheme = cfg.work_dir.split("://")[0] + "://" if storage_fs is not None else ""
+    if scheme and checkpoint_path:
+        checkpoint_path = join_uri(scheme, checkpoint_path)
+    run_folder = join_uri(scheme, result.path) if scheme else result.path
+    if result.error is None and not cfg.infra.ray.keep_finished_checkpoints:
+        # rank 0 logged the model to MLflow before its loop returned: the checkpoints have served their purpose
+        delete_run_folder(run_folder, cfg)
+        return result, {"foresight.output.checkpoint": "", "foresight.ray_run": run_folder,
+                        "foresight.output.checkpoints_deleted": "true"}
+    return result, {"foresight.output.checkpoint": checkpoint_path, "foresight.ray_run": run_folder}
+
+
+def delete_run_folder(uri: str, cfg: PipelineConfig) -> None:
+    """Remove a finished stage's Ray run folder (local or object store); a failure to delete is logged, not
+    raised: the stage's result is already safe in MLflow."""
+    from foresight_core.storage import filesystem
+
+    try:
+        fs, path = filesystem(uri, cfg.infra.storage)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    except Exception as e:  # noqa: BLE001 - disk space is a nicety here, never a reason to fail the stage
+        log.warning("could not delete the finished stage's checkpoints at %s: %s", uri, e)
 
 
 def run_sft_stage(stage: str, cfg: PipelineConfig, corpus_uri: str, init_model_uri: str | None = None,

@@ -80,7 +80,10 @@ def test_two_worker_stages_chain_through_mlflow_and_are_reused(tmp_path: Path, m
     assert run.data.tags["foresight.worker.world_size"] == "2"
     assert run.data.tags["foresight.worker.torch_threads"] == "1"  # two workers share the 2 CPUs of ray_local
     assert "glibc.malloc.mmap_max=0" in run.data.tags["foresight.worker.glibc_tunables"]  # reached the workers
-    assert Path(wm["checkpoint"]).name == "step_000002" and (Path(wm["checkpoint"]) / "trainer_state.pt").exists()
+    # finished and in MLflow: its Ray checkpoints (weights + optimiser state) are deleted (infra.ray default)
+    assert wm["checkpoint"] is None and run.data.tags["foresight.output.checkpoints_deleted"] == "true"
+    assert run.data.tags["foresight.ray_run"].startswith(str(tmp_path / "work" / "ray"))
+    assert not Path(run.data.tags["foresight.ray_run"]).exists()
 
     fe_run = client.get_run(fe["run_id"])
     assert fe_run.data.tags["foresight.input.init_run_id"] == wm["run_id"]  # the input, by reference
@@ -123,7 +126,8 @@ def test_a_stage_whose_driver_dies_resumes_from_its_last_checkpoint(tmp_path: Pa
     corpus = write_corpus(tmp_path)
     over = overrides(tmp_path, mlflow_uri, **{"wm_amt.max_steps": 12, "wm_amt.eval_every": 12,
                                               "infra.ray.address": ray.get_runtime_context().gcs_address,
-                                              "infra.tracking.stage_lease_s": 10})  # the dead driver's lease lapses
+                                              "infra.tracking.stage_lease_s": 10,  # the dead driver's lease lapses
+                                              "infra.ray.keep_finished_checkpoints": True})
     # a driver in its own process, on this test's Ray cluster; killed once its first checkpoint is stored
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(over), corpus], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
@@ -168,7 +172,8 @@ def test_a_killed_train_worker_is_restarted_from_the_last_checkpoint(tmp_path: P
 
     corpus = write_corpus(tmp_path)
     cfg = load_config("tiny", overrides=overrides(tmp_path, mlflow_uri, **{
-        "wm_amt.max_steps": 8, "wm_amt.eval_every": 8, "wm_amt.checkpoint_every": 2}), env={})
+        "wm_amt.max_steps": 8, "wm_amt.eval_every": 8, "wm_amt.checkpoint_every": 2,
+        "infra.ray.keep_finished_checkpoints": True}), env={})
     storage = tmp_path / "work" / "ray"
     killed: list[int] = []
 
