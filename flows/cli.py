@@ -26,11 +26,14 @@ from typing import Any
 from foresight_core.config import STAGES, ConfigError, PipelineConfig, list_presets, load_config
 
 # subcommand -> pipeline stage
-STAGE_COMMANDS = {"corpus": "corpus", "wm-amt": "wm_amt", "fe-sft": "fe_sft", "fc-rl": "fc_rl", "eval": "eval"}
+STAGE_COMMANDS = {"corpus": "corpus", "wm-amt": "wm_amt", "fe-sft": "fe_sft", "relabel": "relabel", "fc-rl": "fc_rl",
+                  "eval": "eval"}
 STAGE_HELP = {
     "corpus": "stage 0: build the corpus (behaviour policy, hindsight z_t, Monte Carlo q_t) on Ray Data",
     "wm_amt": "stage 1: world-model agentic mid-training (runs the corpus first, reused when finished)",
     "fe_sft": "stage 2: format-eliciting SFT (runs the stages before it, reused when finished)",
+    "relabel": "stage 2b, on demand: q relabelled with the FE-SFT model's own rollouts, then a short SFT (runs "
+               "the stages before it, reused when finished)",
     "fc_rl": "stage 3: foresight-conditioned GRPO (runs the stages before it, reused when finished)",
     "eval": "evaluation on held-out tasks (runs the stages before it, reused when finished)",
 }
@@ -170,7 +173,7 @@ def _missing_gpus(cfg: PipelineConfig, table: Any) -> str | None:
 
     wants = set()
     for v, _, vcfg in row_configs(cfg, table, seeds=[cfg.seed]):
-        for stage in ("wm_amt", "fe_sft", "fc_rl"):
+        for stage in ("wm_amt", "fe_sft", "relabel", "fc_rl"):
             if stage in v.stages and getattr(vcfg, stage).scaling.use_gpu:
                 wants.add(f"{stage}.scaling.use_gpu")
         if "eval" in v.stages and vcfg.eval.engine == "vllm":
@@ -185,11 +188,12 @@ def _missing_gpus(cfg: PipelineConfig, table: Any) -> str | None:
 
 
 def stages_for(command: str, cfg: PipelineConfig) -> list[str]:
-    """`run`: the config's stages. A stage command: every stage up to it (earlier ones are reused)."""
+    """`run`: the config's stages. A stage command: every stage up to it (earlier ones are reused); relabel
+    only when the config's stages have it."""
     if command == "run":
         return list(cfg.stages)
     stage = STAGE_COMMANDS[command]
-    return list(STAGES[: STAGES.index(stage) + 1])
+    return [s for s in STAGES[: STAGES.index(stage) + 1] if s != "relabel" or s in cfg.stages or s == stage]
 
 
 def _presets() -> int:

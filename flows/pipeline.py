@@ -20,7 +20,7 @@ The DAG lives here and only here. Every stage is a Prefect task below with one s
 (``corpus``, ``train``, ``rl``, ``evaluate``), which knows nothing of other stages. What feeds what is
 decided here: every stage reads the corpus this pipeline built (``corpus_uri``), and every stage after
 WM-AMT starts from the newest model of this pipeline run (``starting_model``: FE-SFT from WM-AMT's,
-FC-RL from FE-SFT's, eval from FC-RL's; a stage that did not run is passed over, down to the config's
+relabel from FE-SFT's, FC-RL from relabel's or FE-SFT's, eval from FC-RL's; a stage that did not run is passed over, down to the config's
 base model). Stages pass references (manifest and model URIs, MLflow run ids), never tensors, and
 reuse their finished output when run again with the same config, inputs and code.
 ``pipeline`` runs the stages of ``cfg.stages`` in order, skipping any stage whose config says
@@ -122,7 +122,7 @@ def _get(data: Any, dotted: str) -> Any:
 # FailureConfig already restarts a stage from its last checkpoint, and running the stage again resumes
 # its unfinished MLflow run.
 
-MODEL_STAGES = ("wm_amt", "fe_sft", "fc_rl")  # the stages that train a model, in pipeline order
+MODEL_STAGES = ("wm_amt", "fe_sft", "relabel", "fc_rl")  # the stages that train a model, in pipeline order
 
 
 def starting_model(stage: str, refs: Mapping[str, str]) -> str | None:
@@ -179,6 +179,16 @@ def fe_sft(cfg: PipelineConfig, refs: dict[str, str], parent_run_id: str | None)
                                                parent_run_id=parent_run_id))
 
 
+@task(name="relabel", cache_policy=NO_CACHE)
+def relabel(cfg: PipelineConfig, refs: dict[str, str], parent_run_id: str | None) -> dict[str, str]:
+    """Stage 2b (on demand): FE-SFT's model relabels q on part of the FE-SFT set with its own Monte Carlo
+    value, then trains briefly on the relabelled trajectories; FC-RL starts from the result."""
+    from tasks.train import run_relabel_stage
+
+    return _stage_refs("relabel", run_relabel_stage(cfg, corpus_uri(cfg, refs), starting_model("relabel", refs),
+                                                    parent_run_id=parent_run_id))
+
+
 @task(name="fc_rl", cache_policy=NO_CACHE)
 def fc_rl(cfg: PipelineConfig, refs: dict[str, str], parent_run_id: str | None) -> dict[str, str]:
     """Stage 3: foresight-conditioned GRPO on the corpus's RL tasks, from the newest model of this run."""
@@ -217,14 +227,16 @@ def evaluate_files(cfg: PipelineConfig, model: str | None, benchmarks: list[str]
     return _eval_refs(run_eval_stage(cfg, model, parent_run_id=parent_run_id, task_uris=uris))
 
 
-STAGE_TASKS: dict[str, Any] = {"corpus": corpus, "wm_amt": wm_amt, "fe_sft": fe_sft, "fc_rl": fc_rl, "eval": evaluate}
+STAGE_TASKS: dict[str, Any] = {"corpus": corpus, "wm_amt": wm_amt, "fe_sft": fe_sft, "relabel": relabel,
+                               "fc_rl": fc_rl, "eval": evaluate}
 
 
 def lineage(cfg: PipelineConfig, refs: Mapping[str, str]) -> dict[str, str]:
     """What a registered model version records of where it came from (tags)."""
     out = {"foresight.config": cfg.name, "foresight.data_version": cfg.corpus.data_version or "-",
            "foresight.pipeline_run_id": refs.get("pipeline.run_id", ""), "prefect.flow_run_id": str(flow_run.id)}
-    for k in ("corpus.key", "corpus.uri", "wm_amt.run_id", "fe_sft.run_id", "fc_rl.run_id", "eval.run_id"):
+    for k in ("corpus.key", "corpus.uri", "wm_amt.run_id", "fe_sft.run_id", "relabel.run_id", "fc_rl.run_id",
+              "eval.run_id"):
         if refs.get(k):
             out[f"foresight.{k}"] = refs[k]
     return out

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from foresight_core.config.ablation import AblationConfig, row_configs
-from foresight_core.config.pipeline import PipelineConfig
+from foresight_core.config.pipeline import STAGES, PipelineConfig
 
-TRAIN_STAGES = ("wm_amt", "fe_sft", "fc_rl")
+TRAIN_STAGES = ("wm_amt", "fe_sft", "relabel", "fc_rl")
 _SIZE = re.compile(r"(?:^|[-_/ ])(\d+(?:\.\d+)?)([BM])(?=$|[-_/ ])", re.IGNORECASE)
 _KNOWN = {"tiny": 2e5, "smollm2_gguf": 135e6}
 OBS_TOKENS = 200
@@ -56,6 +56,12 @@ def stage_flops(cfg: PipelineConfig, stage: str) -> dict[str, float]:
         tokens = s.max_steps * s.batch_size * s.grad_accum * s.scaling.num_workers * s.seq_len
         check = s.format_check_tasks * _turns(cfg, s.format_check_max_turns) * s.format_check_max_new_tokens
         return {"train": 6.0 * tokens, "gen": 2.0 * check}
+    if stage == "relabel":  # k episodes from every annotated step of n trajectories (~half the turns left), then SFT
+        b = cfg.relabel
+        tokens = b.max_steps * b.batch_size * b.grad_accum * b.scaling.num_workers * b.seq_len
+        turns = _turns(cfg, b.max_turns)
+        gen = b.n_trajectories * turns * b.rollouts_per_step * max(1, turns // 2) * b.max_new_tokens
+        return {"train": 6.0 * tokens, "gen": 2.0 * gen}
     if stage == "fc_rl":
         r = cfg.fc_rl
         turns = _turns(cfg, r.max_turns)
@@ -161,7 +167,7 @@ def plan_text(plan: AblationPlan) -> str:
         if r["changes"]:
             lines.append(f"  {'':<{width}}  changes: {r['changes']}")
     lines += ["", "stage executions (shared stages run once):"]
-    for stage in ("corpus", "wm_amt", "fe_sft", "fc_rl", "eval"):
+    for stage in STAGES:
         if stage in plan.without_sharing:
             gpu = f"  ~{plan.gpu_hours[stage]:.{1 if plan.gpu_hours[stage] >= 1 else 3}f} GPU h" if stage in plan.gpu_hours else ""
             lines.append(f"  {stage:<7} {plan.executions.get(stage, 0):>3} of {plan.without_sharing[stage]:>3}{gpu}")

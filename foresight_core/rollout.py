@@ -28,7 +28,7 @@ import torch
 
 from foresight_core.chat import ChatBridge, prompt_messages
 from foresight_core.envs.base import Env
-from foresight_core.format import ParsedTurn, parse_turn
+from foresight_core.format import ParsedTurn, parse_turn, render_observation, render_turn
 from foresight_core.types import Action, Step, Task, Trajectory, Turn
 
 log = logging.getLogger(__name__)
@@ -345,29 +345,43 @@ def play_group(engine: RolloutEngine, bridge: ChatBridge, make_env: Callable[[Ta
                group_size: int, params: SamplingParams, turn_format: TurnFormat = "foresight",
                max_turns: int | None = None, max_context_tokens: int = 4096,
                on_progress: Callable[[int, int, int], None] | None = None,
-               on_turn: Callable[[int, RolloutStep], None] | None = None) -> list[Rollout]:
+               on_turn: Callable[[int, RolloutStep], None] | None = None,
+               prefixes: Sequence[Sequence[Step]] | None = None) -> list[Rollout]:
     """Play ``group_size`` rollouts of every task, all episodes batched together turn by turn.
 
     ``make_env(task)`` gives a fresh environment per rollout (environments are stateful).
     ``bridge`` is a ``chat.ChatBridge``: prompt tokens, observation tokens, per-token span masks.
     ``on_progress(episodes done, episodes, turn)`` is called after every turn (a progress display);
     ``on_turn(rollout index, step)`` after each rollout's turn, its observation included (a live view).
+    ``prefixes[g]``: steps of another policy that task g's rollouts start after (a state s_t, not the
+    start): their actions are replayed in each rollout's environment and the turns, rendered in
+    ``turn_format``, with the environment's answers, become part of the prompt; they count against the
+    turn limit. A prefix the environment ends, or that leaves no turn, raises ``ValueError``.
     Returns rollouts grouped by task: rollouts[g * group_size + i] is sample i of tasks[g].
     """
+    if prefixes is not None and (len(prefixes) != len(tasks) or turn_format == "raw"):
+        raise ValueError(f"prefixes: one per task ({len(tasks)}), and none in the raw format; got "
+                         f"{len(prefixes)} in the {turn_format} format")
     rollouts: list[Rollout] = []
     envs: list[Env] = []
+    limits: list[int] = []
     for g, task in enumerate(tasks):
+        prefix = prefixes[g] if prefixes is not None else ()
         for _ in range(group_size):
             env = make_env(task)
             question = env.reset(task)
             if turn_format == "raw":
                 messages = [{"role": "user", "content": question}]
             else:
-                messages = prompt_messages(task, turn_format)
+                messages = prompt_messages(task, turn_format) + _replay(env, task, prefix, turn_format)
             envs.append(env)
+            limit = 1 if turn_format == "raw" else min(max_turns or env.max_turns, env.max_turns) - len(prefix)
+            if limit < 1:
+                raise ValueError(f"task {task.id}: a prefix of {len(prefix)} steps leaves no turn within the "
+                                 f"limit of {limit + len(prefix)}")
+            limits.append(limit)
             rollouts.append(Rollout(task=task, env=env.name, group=g, prompt_ids=bridge.prompt_ids(messages)))
 
-    limits = [1 if turn_format == "raw" else min(max_turns or env.max_turns, env.max_turns) for env in envs]
     turn = 0
     while live := [i for i, r in enumerate(rollouts) if not r.done]:
         gens = engine.generate([rollouts[i].prompt_ids + rollouts[i].response_ids for i in live], params)
@@ -381,6 +395,18 @@ def play_group(engine: RolloutEngine, bridge: ChatBridge, make_env: Callable[[Ta
         if on_progress is not None:
             on_progress(sum(r.done for r in rollouts), len(rollouts), turn)
     return rollouts
+
+
+def _replay(env: Env, task: Task, prefix: Sequence[Step], turn_format: TurnFormat) -> list[dict]:
+    """Step ``prefix``'s actions in ``env`` (just reset); its turns and the environment's answers as messages."""
+    messages: list[dict] = []
+    for i, step in enumerate(prefix):
+        res = env.step(step.turn.action)
+        if res.done:
+            raise ValueError(f"task {task.id}: prefix step {i + 1} of {len(prefix)} ends the episode")
+        messages += [{"role": "assistant", "content": render_turn(step.turn, turn_format)},
+                     {"role": "user", "content": render_observation(res.observation or "")}]
+    return messages
 
 
 def _take_turn(r: Rollout, env: Env, gen: Generation, bridge: ChatBridge, turn_format: TurnFormat,

@@ -57,6 +57,7 @@ class WorkDir:
 
         corpus/<key>/       the corpus folders (datasets + manifest.json), one per corpus key
         benchmarks/<key>/   benchmark files given at eval time, as task files (+ manifest.json)
+        relabel/<key>/      the relabel stage's self-labelled FE-SFT rows, one folder per stage key
         ray/                Ray Train's storage: checkpoints of every training stage
         mlflow.db           the embedded MLflow store (sqlite), local work dirs only
         mlartifacts/        its artifacts (models, reports)
@@ -76,6 +77,9 @@ class WorkDir:
 
     def benchmarks(self, key: str) -> str:
         return join_uri(self.uri, "benchmarks", key)
+
+    def relabel(self, key: str) -> str:
+        return join_uri(self.uri, "relabel", key)
 
     @property
     def ray(self) -> str:

@@ -1,4 +1,5 @@
-"""WM-AMT and FE-SFT as Ray Train jobs recorded in MLflow: the adapter around ``foresight_core.sft``.
+"""WM-AMT, FE-SFT and relabel as Ray Train jobs recorded in MLflow: the adapter around ``foresight_core.sft``
+(and ``foresight_core.relabel``, whose rank 0 labels before the same training loop: ``run_relabel_stage``).
 
     from tasks.train import run_sft_stage
     wm = run_sft_stage("wm_amt", cfg, corpus_uri, parent_run_id=pipeline_run.run_id)
@@ -25,7 +26,8 @@ What one call does:
    ``<stage>.format_check_tasks`` > 0 it then plays that many of the corpus's held-out tasks with the
    saved model (``foresight_core.capability``; the task files reach it as URIs) and logs ``check/*``
    (format adherence, grounding, ECE, Brier) at the final step; they are in the reference's ``metrics``.
-5. Output tags: the Ray checkpoint and run folder (the runner adds the model URI).
+5. Output tags: the Ray checkpoint and run folder (the runner adds the model URI). Once the model is in
+   MLflow the run folder is deleted, unless ``infra.ray.keep_finished_checkpoints``.
 
 Workers get ``GLIBC_TUNABLES`` (no mmap, no trim) when ``scaling.malloc_tuning`` is on: glibc then
 keeps freed activation memory instead of returning it to the OS every step (~1.5x bf16 throughput
@@ -55,6 +57,7 @@ log = logging.getLogger(__name__)
 
 SFT_STAGES = ("wm_amt", "fe_sft")
 ENTRIES = ("foresight_core.sft",)  # the science the supervised stages run: its code version is in their keys
+RELABEL_ENTRIES = ("foresight_core.relabel", "foresight_core.sft")
 MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=100000000000"
 
 
@@ -124,6 +127,7 @@ def _sft_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
+    from foresight_core.relabel import run_relabel
     from foresight_core.sft import run_sft
 
     cfg: PipelineConfig = config["cfg"]
@@ -148,6 +152,9 @@ def _sft_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"step_{int(metrics['step']):06d}")
 
         def run(resume_from: str | None):
+            if stage == "relabel":  # rank 0 labels with the starting model first (once), then as below
+                return run_relabel(cfg, config["data_uri"], config["labels_uri"], work / "out", init_model=init_model,
+                                   tracker=tracker, on_checkpoint=report, resume_from=resume_from, verbose=rank == 0)
             return run_sft(cfg, stage, config["data_uri"], work / "out", init_model=init_model, tracker=tracker,
                            on_checkpoint=report, resume_from=resume_from, verbose=rank == 0,
                            check_task_uris=config.get("check_task_uris", ()))
@@ -261,4 +268,31 @@ def run_sft_stage(stage: str, cfg: PipelineConfig, corpus_uri: str, init_model_u
 
     return run_stage(StageSpec(stage=stage, cfg=cfg, entries=ENTRIES, launch=launch, init_model_uri=init_model_uri,
                                inputs=[StageInput(stage, data_uri, data_sha, context=stage)],
+                               manifest_uri=manifest_uri), parent_run_id)
+
+
+def run_relabel_stage(cfg: PipelineConfig, corpus_uri: str, init_model_uri: str | None,
+                      parent_run_id: str | None = None) -> dict[str, Any]:
+    """Run (or reuse, or resume) the relabel stage (``foresight_core.relabel``) on the corpus's FE-SFT set from
+    FE-SFT's model; returns its reference (``tasks.stage``). The self-labelled rows are written under
+    ``<work_dir>/relabel/<key>/``, named by the run's tag ``foresight.output.labels``."""
+    if not init_model_uri:
+        raise StageInputError("relabel: no FE-SFT model to relabel with (put fe_sft before relabel in stages)")
+    setup_env(cfg)
+    data_uri, data_sha, manifest_uri = resolve_dataset("fe_sft", corpus_uri, cfg)
+
+    def launch(tracker: MlflowTracker, key: str) -> Launched:
+        labels_uri = join_uri(WorkDir(cfg.work_dir).relabel(key), "self_labelled.jsonl")
+        result, tags = fit_stage(_sft_worker, {"cfg": cfg, "stage": "relabel", "data_uri": data_uri,
+                                               "labels_uri": labels_uri, "init_model_uri": init_model_uri,
+                                               "tracking_uri": tracking_uri(cfg), "run_id": tracker.run_id},
+                                 cfg, "relabel", key, cfg.relabel.scaling, cfg.relabel.keep_checkpoints, tracker)
+        metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+        logged = tracker.client.get_run(tracker.run_id).data.metrics  # rank 0's label metrics
+        metrics.update({k: float(v) for k, v in logged.items() if k.startswith("relabel/")})
+        return Launched(metrics, {**tags, "foresight.output.labels": labels_uri})
+
+    return run_stage(StageSpec(stage="relabel", cfg=cfg, entries=RELABEL_ENTRIES, launch=launch,
+                               init_model_uri=init_model_uri,
+                               inputs=[StageInput("fe_sft", data_uri, data_sha, context="relabel")],
                                manifest_uri=manifest_uri), parent_run_id)

@@ -100,6 +100,15 @@ def test_stage_commands_run_the_pipeline_up_to_their_stage() -> None:
     assert cli.stages_for("fe-sft", cfg) == ["corpus", "wm_amt", "fe_sft"]
     assert cli.stages_for("corpus", cfg) == ["corpus"]
     assert cli.stages_for("run", cfg.model_copy(update={"stages": ["corpus", "eval"]})) == ["corpus", "eval"]
+    # relabel (stage 2b) is on demand: in a stage command's chain only when the config's stages have it
+    assert cli.stages_for("fc-rl", cfg) == ["corpus", "wm_amt", "fe_sft", "fc_rl"]
+    assert cli.stages_for("relabel", cfg) == ["corpus", "wm_amt", "fe_sft", "relabel"]
+    with_relabel = cli.load_config("tiny", overrides=["stages=[corpus,wm_amt,fe_sft,relabel,fc_rl,eval]"], env={})
+    assert cli.stages_for("eval", with_relabel) == ["corpus", "wm_amt", "fe_sft", "relabel", "fc_rl", "eval"]
+    for bad, why in (("[corpus,fc_rl,fe_sft]", "pipeline order"), ("[corpus,eval,eval]", "pipeline order"),
+                     ("[corpus,wm_amt,relabel,fc_rl]", "relabel needs fe_sft")):
+        with pytest.raises(cli.ConfigError, match=why):
+            cli.load_config("tiny", overrides=[f"stages={bad}"], env={})
 
 
 def test_every_stage_has_its_prefect_task_in_the_flow() -> None:

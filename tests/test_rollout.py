@@ -254,3 +254,31 @@ def test_vllm_engine_logprobs_and_weight_sync(tok, tmp_path):
         model.lm_head.weight.mul_(3.0)
     sync_weights(engine, model.state_dict())
     check(model)
+
+
+def test_a_prefix_is_replayed_and_the_episode_goes_on_from_its_state(tok):
+    """prefixes: the other policy's turns and the environment's answers are the context, the turn limit counts
+    them, and the episode ends as if it had played them itself; the same episode from the start agrees."""
+    from foresight_core.types import Step
+
+    bridge = ChatBridge(tok)
+    prefix = [Step(TURN_SEARCH, observation="(stored; the environment's own answer is used)")]
+    engine = ReplayEngine(tok, [[render_turn(TURN_ANSWER)]])
+    (r,) = play_group(engine, bridge, _make_env, [_task(0)], 1, SamplingParams(), max_turns=3, prefixes=[prefix])
+    assert (r.finish, r.success, len(r.steps)) == ("answer", True, 1)  # only its own turn is in the rollout
+    prompt = tok.decode(r.prompt_ids)
+    assert render_turn(TURN_SEARCH) in prompt and "Doc 1 (Zorvan Kellid)" in prompt and "(stored;" not in prompt
+    full = play_group(ReplayEngine(tok, [[render_turn(TURN_SEARCH), render_turn(TURN_ANSWER)]]), bridge, _make_env,
+                      [_task(0)], 1, SamplingParams(), max_turns=3)[0]
+    assert r.prompt_ids + r.response_ids == full.prompt_ids + full.response_ids  # token for token the same episode
+    # the prefix counts against the limit: 1 of 2 turns left, a search ends the episode at the limit
+    (cut,) = play_group(ReplayEngine(tok, [[render_turn(TURN_SEARCH)] * 3]), bridge, _make_env, [_task(0)], 1,
+                        SamplingParams(), max_turns=2, prefixes=[prefix])
+    assert (cut.finish, len(cut.steps)) == ("turn_limit", 1)
+    with pytest.raises(ValueError, match="leaves no turn"):
+        play_group(engine, bridge, _make_env, [_task(0)], 1, SamplingParams(), max_turns=1, prefixes=[prefix])
+    with pytest.raises(ValueError, match="ends the episode"):
+        play_group(engine, bridge, _make_env, [_task(0)], 1, SamplingParams(), max_turns=3,
+                   prefixes=[[Step(TURN_ANSWER), Step(TURN_ANSWER)]])
+    with pytest.raises(ValueError, match="one per task"):
+        play_group(engine, bridge, _make_env, [_task(0)], 1, SamplingParams(), prefixes=[prefix, prefix])

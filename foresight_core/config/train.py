@@ -98,3 +98,42 @@ class SFTConfig(StrictModel):
         if self.train_on_observations and self.loss_on != "all":
             raise ValueError("train_on_observations needs loss_on: all (assistant-only loss never sees observations)")
         return self
+
+
+class RelabelConfig(SFTConfig):
+    """Between FE-SFT and FC-RL, on demand (``relabel`` in ``stages``): the FE-SFT model's own Monte Carlo
+    value replaces the corpus's q labels on part of the FE-SFT set, and a short SFT (these SFT fields) on
+    the relabelled trajectories follows. ``foresight_core.relabel`` says how."""
+
+    loss_on: Literal["all", "assistant", "observation"] = "assistant"
+    """As FE-SFT: assistant tokens only."""
+    max_steps: int = Field(default=8, ge=1)
+    """Optimiser steps on the relabelled trajectories."""
+    warmup_steps: int = Field(default=1, ge=0)
+    """Linear warm-up steps before the cosine decay."""
+    lr: float = Field(default=5e-5, gt=0)
+    """Peak learning rate (the model is already in format: a gentle nudge of its stated q)."""
+    eval_every: int = Field(default=8, ge=1)
+    """Steps between evaluations of the held-out loss."""
+    checkpoint_every: int = Field(default=8, ge=1)
+    """Steps between checkpoints (resume points)."""
+    n_trajectories: int = Field(default=16, ge=1)
+    """Annotated FE-SFT trajectories relabelled (a seeded draw); each annotated step t is one start state."""
+    rollouts_per_step: int = Field(default=4, ge=1)
+    """Episodes the model plays from each start state: q_t becomes their success rate (k / n)."""
+    temperature: float = Field(default=0.7, gt=0)
+    """Sampling temperature of those episodes (FC-RL's, so q describes the policy RL will sample)."""
+    max_turns: int | None = Field(default=None, ge=1)
+    """Turn limit of an episode, the replayed prefix included (None: the environment's own)."""
+    max_new_tokens: int = Field(default=256, ge=1)
+    """Tokens per generated turn; an unfinished turn is malformed and its episode fails."""
+    max_context_tokens: int = Field(default=4096, ge=64)
+    """Prompt plus response tokens of one episode, the replayed prefix included."""
+    rollout_batch: int = Field(default=32, ge=1)
+    """Episodes played together (their key-value caches live together: memory grows with it)."""
+
+    @model_validator(mode="after")
+    def _foresight_only(self) -> "RelabelConfig":
+        if self.turn_format != "foresight":
+            raise ValueError("relabel.turn_format must be foresight: q is stated only in the foresight format")
+        return self
