@@ -25,6 +25,7 @@ from typing import Any
 
 from foresight_core.config.ablation import AblationConfig, row_configs
 from foresight_core.config.pipeline import STAGES, PipelineConfig
+from foresight_core.corpus.plan import benchmark_names
 
 TRAIN_STAGES = ("wm_amt", "fe_sft", "relabel", "fc_rl")
 _SIZE = re.compile(r"(?:^|[-_/ ])(\d+(?:\.\d+)?)([BM])(?=$|[-_/ ])", re.IGNORECASE)
@@ -72,20 +73,12 @@ def stage_flops(cfg: PipelineConfig, stage: str) -> dict[str, float]:
         return {"train": 6.0 * episodes * context * r.ppo_epochs, "gen": 2.0 * (gen + held_out)}
     if stage == "eval":
         e = cfg.eval
-        n_sets = max(1, len(_benchmarks(cfg)))
+        n_sets = max(1, len(benchmark_names(cfg)))
         tasks = min(cfg.corpus.n_eval_tasks, e.max_tasks or cfg.corpus.n_eval_tasks)
         per_mode = n_sets * tasks * e.samples_per_task * _turns(cfg, e.max_turns) * e.max_new_tokens
         planning = 2 * e.plan_candidates if e.plan_candidates > 1 and e.turn_format == "foresight" else 0
         return {"train": 0.0, "gen": 2.0 * per_mode * (1 + planning)}
     return {"train": 0.0, "gen": 0.0}  # the corpus: the scripted expert on CPUs
-
-
-def _benchmarks(cfg: PipelineConfig) -> list[str]:
-    names = ["search_world"] if cfg.envs.search_world.enabled else []
-    names += [s.name for s in cfg.envs.search_qa.sources]
-    if cfg.envs.math.enabled:
-        names.append("gsm_symbolic")
-    return names
 
 
 def _fingerprint(parts: Sequence[Any]) -> str:

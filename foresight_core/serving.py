@@ -166,8 +166,7 @@ class Agent:
         k = st["plan_candidates"]
         planner = None
         if k > 1 and self.turn_format == "foresight":
-            planner = engine = PlanSelectingEngine(self.engine, self.bridge.tokenizer, k,
-                                                   max(st["temperature"], 0.7))
+            planner = engine = PlanSelectingEngine(self.engine, self.bridge.tokenizer, k, self.serve.plan_temperature)
         params = SamplingParams(temperature=st["temperature"], max_new_tokens=self.serve.max_new_tokens)
         callback = None if on_turn is None else (lambda j, step: on_turn(rows[j], turn_record(step)))
         rollouts = play_group(engine, self.bridge, lambda t: self.make_env(t, st["max_turns"]), tasks, 1, params,

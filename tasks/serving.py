@@ -43,17 +43,14 @@ class AgentModel(mlflow.pyfunc.PythonModel):
         from foresight_core.config import EnvsConfig, ModelConfig
         from foresight_core.config.serve import ServeConfig
         from foresight_core.envs.loaders import load_passages
-        from foresight_core.models import load_model
-        from foresight_core.serving import Agent
 
         spec = json.loads(Path(context.artifacts["agent_config"]).read_text())
         passages_uri = ((context.model_config or {}).get("passages") or os.environ.get(PASSAGES_ENV)
                         or context.artifacts.get("passages") or spec.get("passages_uri"))
         passages = load_passages(str(passages_uri)) if passages_uri else None
-        model, tokenizer = load_model(ModelConfig(source="hf", name_or_path=context.artifacts["model"]), train=False)
-        self.agent = Agent(model, tokenizer, ServeConfig.model_validate(spec["serve"]),
-                           EnvsConfig.model_validate(spec["envs"]), passages=passages,
-                           turn_format=spec["turn_format"])
+        self.agent = build_agent(ModelConfig(source="hf", name_or_path=context.artifacts["model"]),
+                                 ServeConfig.model_validate(spec["serve"]), EnvsConfig.model_validate(spec["envs"]),
+                                 passages, spec["turn_format"])
 
     def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         if hasattr(model_input, "to_dict"):  # a DataFrame (the scoring server's dataframe_records / _split)
@@ -127,10 +124,7 @@ def load_agent(cfg: PipelineConfig, model: str | None = None, passages: str | No
     ``models:/<name>/<version>``, or ``runs:/<run>/agent``) as it was packaged; or weights (``runs:/<run>/model``,
     a local Hugging Face folder, ``base``) with this config's tools and settings. ``model`` None: the config's
     registered champion. ``passages``: a passages file that replaces the agent's own."""
-    from foresight_core.config import ModelConfig
     from foresight_core.envs.loaders import load_passages
-    from foresight_core.models import load_model
-    from foresight_core.serving import Agent
 
     from tasks.registry import model_name
 
@@ -149,6 +143,14 @@ def load_agent(cfg: PipelineConfig, model: str | None = None, passages: str | No
         work = tempfile.mkdtemp(prefix="foresight-ask-")
         model_cfg = cfg.model.model_copy(update={"source": "hf", "lora": None,
                                                  "name_or_path": local_model_dir(model, tracking_uri(cfg), work)})
-    lm, tokenizer = load_model(model_cfg, train=False, seed=cfg.seed)
     rows = load_passages(passages) if passages else world_passages(cfg)
-    return Agent(lm, tokenizer, cfg.serve, cfg.envs, passages=rows, turn_format=cfg.eval.turn_format)
+    return build_agent(model_cfg, cfg.serve, cfg.envs, rows, cfg.eval.turn_format, seed=cfg.seed)
+
+
+def build_agent(model_cfg: Any, serve: Any, envs: Any, passages: Any, turn_format: str, seed: int = 0) -> Any:
+    """The one way an ``Agent`` is made, packaged (``AgentModel.load_context``) or not (``load_agent``)."""
+    from foresight_core.models import load_model
+    from foresight_core.serving import Agent
+
+    model, tokenizer = load_model(model_cfg, train=False, seed=seed)
+    return Agent(model, tokenizer, serve, envs, passages=passages, turn_format=turn_format)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from foresight_core.relabel import Start, choose_rows, label_stats, relabelled, starts
+from foresight_core.relabel import choose_rows, label_stats, relabelled, starts
 from foresight_core.types import Action, CorpusRow, Step, Task, Trajectory, Turn, WorldModelBlock
 
 

@@ -20,6 +20,9 @@ class ServeConfig(StrictModel):
     plan_candidates: int = Field(default=0, ge=0, le=16)
     """Test-time planning unless a request sets it: K candidate turns, act on the highest stated confidence
     (0 or 1: off)."""
+    plan_temperature: float = Field(default=1.0, gt=0, le=2)
+    """Sampling temperature of the K planning candidates (as ``eval.plan_temperature``; greedy candidates would
+    all be the same turn)."""
     max_plan_candidates: int = Field(default=8, ge=1, le=64)
     """The most candidates a request may ask for."""
     max_new_tokens: int = Field(default=256, ge=8, le=4096)

@@ -53,20 +53,29 @@ def train_tasks(cfg: PipelineConfig) -> list[Task]:
     return tasks
 
 
+SEARCH_WORLD, GSM_SYMBOLIC = "search_world", "gsm_symbolic"  # the built-in benchmarks' names
+
+
+def benchmark_names(cfg: PipelineConfig) -> list[str]:
+    """The held-out benchmarks ``eval_sets`` builds, by name, without building them."""
+    return (([SEARCH_WORLD] if cfg.envs.search_world.enabled else []) + ([GSM_SYMBOLIC] if cfg.envs.math.enabled else [])
+            + [src.name for src in cfg.envs.search_qa.sources])
+
+
 def eval_sets(cfg: PipelineConfig) -> tuple[dict[str, list[Task]], dict[str, dict[str, Any]]]:
-    """Held-out evaluation tasks per benchmark, and the loaders' reports (rows read / skipped)."""
+    """Held-out evaluation tasks per benchmark (``benchmark_names``), and the loaders' reports (rows read /
+    skipped)."""
     sets: dict[str, list[Task]] = {}
     reports: dict[str, dict[str, Any]] = {}
     sw = cfg.envs.search_world
     if sw.enabled:
         from foresight_core.envs.search_world import load_world, make_search_world_tasks
         world = load_world(sw.eval_seed, sw.n_entities)
-        sets["search_world"] = make_search_world_tasks(world, cfg.corpus.n_eval_tasks, sw.question_mix, cfg.seed,
-                                                       "eval")
+        sets[SEARCH_WORLD] = make_search_world_tasks(world, cfg.corpus.n_eval_tasks, sw.question_mix, cfg.seed, "eval")
     if cfg.envs.math.enabled:
         from foresight_core.envs.math import load_gsm_symbolic_tasks
         m = cfg.envs.math
-        sets["gsm_symbolic"] = load_gsm_symbolic_tasks(cfg.corpus.n_eval_tasks, m.seed, "eval", m.eval_template_share)
+        sets[GSM_SYMBOLIC] = load_gsm_symbolic_tasks(cfg.corpus.n_eval_tasks, m.seed, "eval", m.eval_template_share)
     for src in cfg.envs.search_qa.sources:
         if src.name in sets:
             raise ValueError(f"envs.search_qa.sources: benchmark name {src.name!r} is used twice")
