@@ -26,6 +26,7 @@ from typing import Any
 from foresight_core.config.ablation import AblationConfig, row_configs
 from foresight_core.config.pipeline import STAGES, PipelineConfig
 from foresight_core.corpus.plan import benchmark_names
+from foresight_core.metrics import cells_to_resolve
 
 TRAIN_STAGES = ("wm_amt", "fe_sft", "relabel", "fc_rl")
 _SIZE = re.compile(r"(?:^|[-_/ ])(\d+(?:\.\d+)?)([BM])(?=$|[-_/ ])", re.IGNORECASE)
@@ -119,6 +120,9 @@ class AblationPlan:
     """Stage -> estimated GPU hours of its executions (empty when N is unknown)."""
     params: float | None = None
     assumptions: str = ""
+    cells: dict[str, int] = field(default_factory=dict)
+    """Benchmark -> (seed, task) cells each row is scored on: seeds x held-out tasks."""
+    level: float = 0.95
 
 
 def ablation_plan(cfg: PipelineConfig, table: AblationConfig, seeds: Sequence[int] | None = None,
@@ -148,7 +152,9 @@ def ablation_plan(cfg: PipelineConfig, table: AblationConfig, seeds: Sequence[in
     assumptions = (f"N = {n:.3g} parameters; 6N FLOPs per trained token at {train_mfu:.0%} MFU, 2N per generated "
                    f"token at {gen_mfu:.0%}, of {peak_tflops:g} TFLOP/s per GPU; the corpus runs on CPUs"
                    if n is not None else "N unknown (give --params): no GPU-hour estimate")
-    return AblationPlan(rows, seeds, executions, naive, hours, n, assumptions)
+    tasks = min(cfg.corpus.n_eval_tasks, cfg.eval.max_tasks or cfg.corpus.n_eval_tasks)
+    cells = {name: len(seeds) * tasks for name in benchmark_names(cfg)}  # a task's score: the mean of its samples
+    return AblationPlan(rows, seeds, executions, naive, hours, n, assumptions, cells, table.level)
 
 
 def plan_text(plan: AblationPlan) -> str:
@@ -166,5 +172,11 @@ def plan_text(plan: AblationPlan) -> str:
             lines.append(f"  {stage:<7} {plan.executions.get(stage, 0):>3} of {plan.without_sharing[stage]:>3}{gpu}")
     if plan.gpu_hours:
         lines.append(f"  total   ~{sum(plan.gpu_hours.values()):.{1 if sum(plan.gpu_hours.values()) >= 1 else 3}f} GPU h")
+    if plan.cells:
+        lines += ["", f"resolution of a paired difference against the reference row ({plan.level:.0%} interval without 0):"]
+        for name, n in plan.cells.items():
+            d = cells_to_resolve(n, plan.level)
+            lines.append(f"  {name}: {n} (seed, task) cells per row; at best >= {d} cells won, none lost (>= {d / n:.3f} "
+                         f"in score); rows that disagree on 20% of cells both ways: about +-{1.96 * (0.2 / n) ** 0.5:.3f}")
     lines += ["", f"assumptions: {plan.assumptions}"]
     return "\n".join(lines)

@@ -23,6 +23,7 @@ Sampling and uncertainty:
     bootstrap_interval([0, 1, 1, 0], seed=0)         # 95% percentile interval of the mean (resampling the values)
     paired_difference({"t1": 1, "t2": 0}, {"t1": 0, "t2": 0})  # mean difference on common keys, with its interval
     seeds_tasks_interval({(0, "t1"): 1, (1, "t1"): 0, ...})  # mean over seeds and tasks; both resampled
+    cells_to_resolve(9)                              # 4: of 9 paired 0/1 cells, 4 must differ (one way) to resolve
 """
 
 from __future__ import annotations
@@ -227,6 +228,21 @@ def paired_difference(a: Mapping[str, float], b: Mapping[str, float], n_boot: in
     diffs = [float(a[k]) - float(b[k]) for k in common]
     lo, hi = bootstrap_interval(diffs, n_boot, level, seed)
     return sum(diffs) / len(diffs), lo, hi, len(common)
+
+
+def cells_to_resolve(n: int, level: float = 0.95) -> int:
+    """The fewest of ``n`` paired 0/1 cells (seed x task) that must differ, all the same way, for the percentile
+    bootstrap interval of the paired mean difference to exclude 0: the best case of a budget's resolution.
+
+    A resample of the n differences keeps none of the d non-zero ones with probability (1 - d/n)^n; the
+    interval's lower end is then 0 unless that is below (1 - level) / 2. For level 0.95: n = 3 -> 3 (all of
+    them), n = 9 -> 4 ((6/9)^9 = 0.026 is not below 0.025, (5/9)^9 = 0.005 is), and about 4 for any large n
+    (e^-d < 0.025): a difference of 4/n at best. Cells that differ the other way raise it."""
+    if n < 1:
+        raise ValueError(f"cells_to_resolve: n must be >= 1, got {n}")
+    if not 0 < level < 1:
+        raise ValueError(f"cells_to_resolve: level must be in (0, 1), got {level}")
+    return next(d for d in range(1, n + 1) if (1 - d / n) ** n < (1 - level) / 2)
 
 
 def seeds_tasks_interval(values: Mapping[tuple[Any, Any], float], n_boot: int = 2000, level: float = 0.95,

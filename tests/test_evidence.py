@@ -79,6 +79,9 @@ def test_plan_counts_shared_stages():
     # wm_amt: WM-AMT and IWM; fe_sft: plain, FE-SFT, state, after WM-AMT, plain after IWM
     assert plan.executions == {k: 3 * v for k, v in per_seed.items()}
     assert plan.without_sharing["corpus"] == 45 and plan.without_sharing["fe_sft"] == 42
+    # laptop: 3 held-out tasks per benchmark x 3 seeds = 9 cells; a difference resolves at >= 4 of them
+    assert plan.cells == {"search_world": 9, "gsm_symbolic": 9}
+    assert "9 (seed, task) cells per row; at best >= 4 cells won, none lost (>= 0.444 in score)" in plan_text(plan)
     paper = ablation_plan(load_config("paper"), table)
     assert paper.gpu_hours["wm_amt"] > 10 and paper.gpu_hours["corpus"] == 0.0
     text = plan_text(paper)

@@ -187,3 +187,19 @@ def test_seeds_tasks_interval_hand_cases():
     assert seeds_tasks_interval(three, seed=1) == (mean3, lo3, hi3)  # seeded: reproducible
     with pytest.raises(ValueError, match="no values"):
         seeds_tasks_interval({})
+
+
+def test_cells_to_resolve_by_hand_and_against_the_bootstrap_it_predicts():
+    from foresight_core.metrics import cells_to_resolve
+
+    # (6/9)^9 = 0.0260 is not below 0.025, (5/9)^9 = 0.0051 is; n = 3: only all three cells
+    assert [cells_to_resolve(n) for n in (1, 3, 9, 18, 300)] == [1, 3, 4, 4, 4]
+    assert cells_to_resolve(9, level=0.5) == 2  # (8/9)^9 = 0.346 is not below 0.25, (7/9)^9 = 0.104 is
+    # what it predicts, by the bootstrap itself: 9 cells, d of them won, none lost
+    for d, resolved in ((3, False), (4, True)):
+        a = {f"c{i}": 1.0 if i < d else 0.0 for i in range(9)}
+        b = {f"c{i}": 0.0 for i in range(9)}
+        _, lo, _, _ = paired_difference(a, b, n_boot=4000, seed=1)
+        assert (lo > 0) == resolved, (d, lo)
+    with pytest.raises(ValueError, match="n must be"):
+        cells_to_resolve(0)
