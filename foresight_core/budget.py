@@ -53,16 +53,13 @@ def _turns(cfg: PipelineConfig, max_turns: int | None) -> int:
 
 def stage_flops(cfg: PipelineConfig, stage: str) -> dict[str, float]:
     """``{"train": FLOPs/N, "gen": FLOPs/N}`` of one execution of ``stage`` (multiply by N)."""
-    if stage in ("wm_amt", "fe_sft"):
+    if stage in ("wm_amt", "fe_sft", "relabel"):
         s = getattr(cfg, stage)
         tokens = s.max_steps * s.batch_size * s.grad_accum * s.scaling.num_workers * s.seq_len
-        check = s.format_check_tasks * _turns(cfg, s.format_check_max_turns) * s.format_check_max_new_tokens
-        return {"train": 6.0 * tokens, "gen": 2.0 * check}
-    if stage == "relabel":  # k episodes from every annotated step of n trajectories (~half the turns left), then SFT
-        b = cfg.relabel
-        tokens = b.max_steps * b.batch_size * b.grad_accum * b.scaling.num_workers * b.seq_len
-        turns = _turns(cfg, b.max_turns)
-        gen = b.n_trajectories * turns * b.rollouts_per_step * max(1, turns // 2) * b.max_new_tokens
+        gen = s.format_check_tasks * _turns(cfg, s.format_check_max_turns) * s.format_check_max_new_tokens
+        if stage == "relabel":  # first k episodes from every annotated step of n trajectories (~half the turns left)
+            turns = _turns(cfg, s.max_turns)
+            gen += s.n_trajectories * turns * s.rollouts_per_step * max(1, turns // 2) * s.max_new_tokens
         return {"train": 6.0 * tokens, "gen": 2.0 * gen}
     if stage == "fc_rl":
         r = cfg.fc_rl
@@ -75,11 +72,15 @@ def stage_flops(cfg: PipelineConfig, stage: str) -> dict[str, float]:
     if stage == "eval":
         e = cfg.eval
         n_sets = max(1, len(benchmark_names(cfg)))
-        tasks = min(cfg.corpus.n_eval_tasks, e.max_tasks or cfg.corpus.n_eval_tasks)
-        per_mode = n_sets * tasks * e.samples_per_task * _turns(cfg, e.max_turns) * e.max_new_tokens
+        per_mode = n_sets * _eval_tasks(cfg) * e.samples_per_task * _turns(cfg, e.max_turns) * e.max_new_tokens
         planning = 2 * e.plan_candidates if e.plan_candidates > 1 and e.turn_format == "foresight" else 0
         return {"train": 0.0, "gen": 2.0 * per_mode * (1 + planning)}
     return {"train": 0.0, "gen": 0.0}  # the corpus: the scripted expert on CPUs
+
+
+def _eval_tasks(cfg: PipelineConfig) -> int:
+    """Held-out tasks evaluated per benchmark."""
+    return min(cfg.corpus.n_eval_tasks, cfg.eval.max_tasks or cfg.corpus.n_eval_tasks)
 
 
 def _fingerprint(parts: Sequence[Any]) -> str:
@@ -152,8 +153,7 @@ def ablation_plan(cfg: PipelineConfig, table: AblationConfig, seeds: Sequence[in
     assumptions = (f"N = {n:.3g} parameters; 6N FLOPs per trained token at {train_mfu:.0%} MFU, 2N per generated "
                    f"token at {gen_mfu:.0%}, of {peak_tflops:g} TFLOP/s per GPU; the corpus runs on CPUs"
                    if n is not None else "N unknown (give --params): no GPU-hour estimate")
-    tasks = min(cfg.corpus.n_eval_tasks, cfg.eval.max_tasks or cfg.corpus.n_eval_tasks)
-    cells = {name: len(seeds) * tasks for name in benchmark_names(cfg)}  # a task's score: the mean of its samples
+    cells = {name: len(seeds) * _eval_tasks(cfg) for name in benchmark_names(cfg)}  # a task: the mean of its samples
     return AblationPlan(rows, seeds, executions, naive, hours, n, assumptions, cells, table.level)
 
 

@@ -181,12 +181,9 @@ def run_relabel(cfg: Any, data_uri: str, labels_uri: str, out_dir: Any, *, init_
     """The stage: rank 0 labels with ``init_model`` (the FE-SFT model's folder) into ``labels_uri`` unless an
     earlier attempt of this stage wrote it, every rank waits, then all train on it from ``init_model``
     (``sft.run_sft``). Returns the ``SFTResult``; the label metrics are logged at step 0."""
-    import os
-
-    import torch
     import torch.distributed as dist
 
-    from foresight_core.sft import run_sft
+    from foresight_core.sft import run_sft, stage_device
     from foresight_core.storage import exists
     from foresight_core.tracking import Progress
 
@@ -194,9 +191,8 @@ def run_relabel(cfg: Any, data_uri: str, labels_uri: str, out_dir: Any, *, init_
         if not exists(labels_uri, cfg.infra.storage):
             progress = Progress.of(tracker)
             progress.phase("relabelling q with the model's own rollouts", unit="episodes")
-            gpu = cfg.relabel.scaling.use_gpu and torch.cuda.is_available()
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if gpu else "cpu"
-            stats = label_with_model(cfg, data_uri, init_model, labels_uri, device, on_progress=progress.episodes())
+            stats = label_with_model(cfg, data_uri, init_model, labels_uri, str(stage_device(cfg.relabel)),
+                                     on_progress=progress.episodes())
             if tracker is not None:
                 tracker.log_metrics(stats, step=0)
             if verbose:

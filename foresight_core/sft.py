@@ -493,6 +493,12 @@ def train(model: nn.Module, tokenizer, data: SFTData, cfg: SFTConfig, out_dir: s
 # -----------------------------------------------------------------------------
 # Entry point: rows + model from config, then train (the CLI, the Ray worker, the benchmark)
 
+def stage_device(stage_cfg: SFTConfig) -> torch.device:
+    """This rank's device: its local GPU when the stage asks for GPUs and has them, else the CPU."""
+    use_cuda = stage_cfg.scaling.use_gpu and torch.cuda.is_available()
+    return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+
+
 def run_sft(cfg, stage: str, data_uri: str, out_dir: str | os.PathLike, *, init_model: str | None = None,
             tracker: Tracker | None = None, on_checkpoint: OnCheckpoint | None = None,
             resume_from: str | os.PathLike | None = None, verbose: bool = True,
@@ -509,8 +515,7 @@ def run_sft(cfg, stage: str, data_uri: str, out_dir: str | os.PathLike, *, init_
     stage_cfg: SFTConfig = getattr(cfg, stage)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    use_cuda = stage_cfg.scaling.use_gpu and torch.cuda.is_available()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+    device = stage_device(stage_cfg)
     model_cfg = cfg.model if init_model is None else \
         cfg.model.model_copy(update={"source": "hf", "name_or_path": str(init_model)})
     progress = Progress.of(tracker if not dist.is_initialized() or dist.get_rank() == 0 else None)

@@ -235,6 +235,16 @@ def delete_run_folder(uri: str, cfg: PipelineConfig) -> None:
         log.warning("could not delete the finished stage's checkpoints at %s: %s", uri, e)
 
 
+def final_metrics(result: Any, tracker: MlflowTracker, logged_prefix: str | None = None) -> dict[str, float]:
+    """The metrics of the last report to Ray, plus those rank 0 logged to the run outside its reports (the
+    format check's ``check/``, the labels' ``relabel/``), read back from the run by ``logged_prefix``."""
+    metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    if logged_prefix:
+        logged = tracker.client.get_run(tracker.run_id).data.metrics
+        metrics.update({k: float(v) for k, v in logged.items() if k.startswith(logged_prefix)})
+    return metrics
+
+
 def run_sft_stage(stage: str, cfg: PipelineConfig, corpus_uri: str, init_model_uri: str | None = None,
                   parent_run_id: str | None = None) -> dict[str, Any]:
     """Run (or reuse, or resume) one supervised stage; returns its reference (``tasks.stage``):
@@ -260,11 +270,7 @@ def run_sft_stage(stage: str, cfg: PipelineConfig, corpus_uri: str, init_model_u
                                                "init_model_uri": init_model_uri, "tracking_uri": tracking_uri(cfg),
                                                "run_id": tracker.run_id, "check_task_uris": check_uris},
                                  cfg, stage, key, stage_cfg.scaling, stage_cfg.keep_checkpoints, tracker)
-        metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
-        if check_uris:  # logged by rank 0 after its last report to Ray: read back from the run
-            run_metrics = tracker.client.get_run(tracker.run_id).data.metrics
-            metrics.update({k: float(v) for k, v in run_metrics.items() if k.startswith("check/")})
-        return Launched(metrics, tags)
+        return Launched(final_metrics(result, tracker, "check/" if check_uris else None), tags)
 
     return run_stage(StageSpec(stage=stage, cfg=cfg, entries=ENTRIES, launch=launch, init_model_uri=init_model_uri,
                                inputs=[StageInput(stage, data_uri, data_sha, context=stage)],
@@ -287,10 +293,7 @@ def run_relabel_stage(cfg: PipelineConfig, corpus_uri: str, init_model_uri: str 
                                                "labels_uri": labels_uri, "init_model_uri": init_model_uri,
                                                "tracking_uri": tracking_uri(cfg), "run_id": tracker.run_id},
                                  cfg, "relabel", key, cfg.relabel.scaling, cfg.relabel.keep_checkpoints, tracker)
-        metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
-        logged = tracker.client.get_run(tracker.run_id).data.metrics  # rank 0's label metrics
-        metrics.update({k: float(v) for k, v in logged.items() if k.startswith("relabel/")})
-        return Launched(metrics, {**tags, "foresight.output.labels": labels_uri})
+        return Launched(final_metrics(result, tracker, "relabel/"), {**tags, "foresight.output.labels": labels_uri})
 
     return run_stage(StageSpec(stage="relabel", cfg=cfg, entries=RELABEL_ENTRIES, launch=launch,
                                init_model_uri=init_model_uri,
