@@ -387,8 +387,8 @@ def ablation(cfg: PipelineConfig, table: AblationConfig) -> dict[str, Any]:
     and seeds, paired differences against the reference row, planning against its random-of-K control)
     is logged as Markdown and JSON."""
     from foresight_core.config.ablation import row_configs
-    from foresight_core.evidence import RowRun, RowSpec, evidence_table, table_markdown
-    from tasks.evaluate import TASK_SCORES
+    from foresight_core.evidence import RowRun, RowSpec, evidence_table, pooled_pairs, table_markdown
+    from tasks.evaluate import CALIBRATION, TASK_SCORES, log_calibration_plots
     from tasks.tracking import run_json, run_metrics
 
     cfg = revalidate(cfg)
@@ -407,12 +407,17 @@ def ablation(cfg: PipelineConfig, table: AblationConfig) -> dict[str, Any]:
                                register_model=False)  # variants are evidence, not candidates for champion
             if refs.get("eval.run_id"):
                 results.append(RowRun(variant.name, seed, run_metrics(cfg, refs["eval.run_id"]),
-                                      run_json(cfg, refs["eval.run_id"], TASK_SCORES)))
+                                      run_json(cfg, refs["eval.run_id"], TASK_SCORES),
+                                      # older eval runs (reused) have no pairs: their seeds' means
+                                      run_json(cfg, refs["eval.run_id"], CALIBRATION, optional=True) or {}))
         specs = [RowSpec(v.name, v.paper_row, v.changes, v.plain_twin) for v in table.variants]
         rows = evidence_table(results, specs, table.reference, table.n_boot, table.level)
         markdown = table_markdown(rows, table.reference, table.level)
         parent.log_text(markdown, "ablation_table.md")
         parent.log_dict({"reference": table.reference, "level": table.level, "rows": rows}, "ablation_table.json")
+        for variant in table.variants:  # each row's reliability and risk-coverage plots, its seeds pooled
+            log_calibration_plots(parent, pooled_pairs([r for r in results if r.variant == variant.name]),
+                                  prefix=variant.name)
     print(markdown)
     return {"ablation.run_id": parent.run_id, "rows": rows}
 

@@ -127,6 +127,19 @@ def summarise(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
             "f1": _mean([_mean([r["f1"] for r in rs]) for rs in by_task.values()])}
 
 
+def first_confidences(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list[list[Any]]]]:
+    """``{mode: {benchmark: [[task id, first stated q, success 0/1], ...]}}``: every episode whose first turn
+    stated a confidence, in record order. What the ``*_first`` metrics and the calibration plots are computed
+    from, kept per episode so that evaluations can be pooled (a row's seeds in the ablation table)."""
+    out: dict[str, dict[str, list[list[Any]]]] = {}
+    for r in records:
+        qs = r.get("confidences") or []
+        if qs and qs[0] is not None:
+            out.setdefault(r["mode"], {}).setdefault(r["benchmark"], []).append(
+                [r.get("task_id"), float(qs[0]), float(bool(r["success"]))])
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Playing benchmarks
 

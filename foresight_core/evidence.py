@@ -4,15 +4,19 @@
     rows = evidence_table(runs, variants)            # one dict per row, per benchmark, JSON-ready
     print(table_markdown(rows))                       # a section per benchmark, then test-time planning
 
-Each ``RowRun`` is one evaluation: the eval run's flat metrics (``<benchmark>/<mode>/<column>``) and its
-per-task scores (``{mode: {"<benchmark>/<task id>": mean score over the task's samples}}``).
+Each ``RowRun`` is one evaluation: the eval run's flat metrics (``<benchmark>/<mode>/<column>``), its
+per-task scores (``{mode: {"<benchmark>/<task id>": mean score over the task's samples}}``) and its
+episodes' first stated confidences (``{mode: {benchmark: [[task id, q, success], ...]}}``).
 
 Per benchmark and row:
 - the task score (EM for search, verified for maths; mean@k) as mean and 95% interval, the two-way
   bootstrap over tasks and seeds (``metrics.seeds_tasks_interval``);
 - the paired difference against the reference row (the full method) on the same (seed, task) cells,
   with its interval;
-- the other columns (F1, pass@k, format, ECE, Brier, AUROC, grounding, tokens) as the mean over seeds;
+- ECE, Brier and AUROC of the first stated q pooled over the row's seeds (every episode of every seed that
+  stated one, ``RowRun.calibration``), with ``n_q``, how many episodes they rest on; runs logged without
+  their pairs fall back to the mean over seeds;
+- the other columns (F1, pass@k, format, grounding, tokens) as the mean over seeds;
 - the token overhead of foresight: tokens per episode against the row's ``plain_twin`` (the same
   recipe without world-model spans), as a ratio - 1.
 Test-time planning, per row that ran it: best-of-K by stated confidence against greedy and against a
@@ -28,13 +32,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from foresight_core.metrics import seeds_tasks_interval
+from foresight_core.metrics import auroc, brier_score, expected_calibration_error, seeds_tasks_interval
 
-COLUMNS = ("f1", "pass_at_k", "format_rate", "ece_first", "brier_first", "auroc_first", "grounding_rate",
+COLUMNS = ("f1", "pass_at_k", "format_rate", "ece_first", "brier_first", "auroc_first", "n_q", "grounding_rate",
            "gen_tokens")
-"""Eval metrics shown per benchmark as the mean over seeds (the score gets an interval)."""
+"""Eval metrics shown per benchmark: the calibration ones pooled over seeds, the others as the mean over
+seeds (the score gets an interval)."""
 HEADERS = {"f1": "F1", "pass_at_k": "pass@k", "format_rate": "format", "ece_first": "ECE", "brier_first": "Brier",
-           "auroc_first": "AUROC", "grounding_rate": "grounding", "gen_tokens": "tokens/ep"}
+           "auroc_first": "AUROC", "n_q": "n(q)", "grounding_rate": "grounding", "gen_tokens": "tokens/ep"}
 
 
 @dataclass
@@ -45,6 +50,7 @@ class RowRun:
     seed: int
     metrics: Mapping[str, float]
     task_scores: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    calibration: Mapping[str, Mapping[str, Sequence[Sequence[Any]]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -82,6 +88,27 @@ def _seed_mean(runs: Sequence[RowRun], key: str) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
+def pooled_pairs(runs: Sequence[RowRun]) -> dict[str, dict[str, list[Sequence[Any]]]]:
+    """``{mode: {benchmark: [[task id, q, success], ...]}}`` of every run in ``runs`` (a row's seeds) put
+    together: what the row's pooled ECE, Brier, AUROC and plots are computed from."""
+    out: dict[str, dict[str, list[Sequence[Any]]]] = {}
+    for r in runs:
+        for mode, by_bench in r.calibration.items():
+            for bench, pairs in by_bench.items():
+                out.setdefault(mode, {}).setdefault(bench, []).extend(pairs)
+    return out
+
+
+def pooled_calibration(pairs: Sequence[Sequence[Any]]) -> dict[str, float | None]:
+    """ECE, Brier and AUROC of ``[[task id, q, success], ...]``, and their count ``n_q``; None where undefined
+    (no pair; AUROC with one outcome only)."""
+    qs, ys = [float(p[1]) for p in pairs], [float(p[2]) for p in pairs]
+    if not qs:
+        return {"ece_first": None, "brier_first": None, "auroc_first": None, "n_q": 0.0}
+    return {"ece_first": expected_calibration_error(qs, ys), "brier_first": brier_score(qs, ys),
+            "auroc_first": auroc(qs, ys), "n_q": float(len(qs))}
+
+
 def benchmarks(runs: Sequence[RowRun]) -> list[str]:
     """Benchmarks any run scored, in first-seen order."""
     seen: dict[str, None] = {}
@@ -117,6 +144,8 @@ def evidence_table(runs: Sequence[RowRun], specs: Sequence[RowSpec], reference: 
                 b["vs_reference"] = _paired(direct, _cells(ref_runs, "direct", bench), n_boot, level)
             for col in COLUMNS:
                 b[col] = _seed_mean(mine, f"{bench}/direct/{col}")
+            if any(r.calibration for r in mine):  # pooled over seeds (runs logged before the pairs: seed means)
+                b.update(pooled_calibration(pooled_pairs(mine).get("direct", {}).get(bench, [])))
             twin = by_row.get(spec.plain_twin or "", [])
             mine_tokens, twin_tokens = b["gen_tokens"], _seed_mean(twin, f"{bench}/direct/gen_tokens")
             b["token_overhead"] = (mine_tokens / twin_tokens - 1.0) if mine_tokens and twin_tokens else None
@@ -169,7 +198,7 @@ def table_markdown(rows: Sequence[Mapping[str, Any]], reference: str = "full", l
             b = r["benchmarks"].get(bench)
             if b is None:
                 continue
-            cells = [_num(b.get(c), "{:.1f}" if c == "gen_tokens" else "{:.3f}") for c in COLUMNS]
+            cells = [_num(b.get(c), {"gen_tokens": "{:.1f}", "n_q": "{:.0f}"}.get(c, "{:.3f}")) for c in COLUMNS]
             lines.append(f"| {r['variant']} | {r['paper_row']} | {len(r['seeds'])} | {_ci(b['score'])} | "
                          f"{_ci(b.get('vs_reference'), signed=True)} | " + " | ".join(cells)
                          + f" | {_num(b.get('token_overhead'), '{:+.1%}')} |")

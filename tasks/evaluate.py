@@ -25,13 +25,14 @@ import tempfile
 import time
 import uuid
 import weakref
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from foresight_core.capability import held_out_task_uris
 from foresight_core.config import PipelineConfig
 from foresight_core.config.envs import BenchmarkSource
-from foresight_core.evaluation import flat_metrics, modes, summarise
+from foresight_core.evaluation import first_confidences, flat_metrics, modes, summarise
 from foresight_core.promotion import task_scores
 from foresight_core.storage import sha256_file
 from foresight_core.tracking import PROGRESS_TAG, Progress
@@ -48,6 +49,9 @@ ENTRIES = ("foresight_core.evaluation", "foresight_core.promotion", "foresight_c
            "foresight_core.models", "foresight_core.vllm_engine")
 TASK_SCORES = "eval_task_scores.json"
 """Artifact of every eval run: ``{mode: {"<benchmark>/<task id>": mean score}}``, what promotion pairs."""
+CALIBRATION = "eval_calibration.json"
+"""Artifact of every eval run: ``{mode: {benchmark: [[task id, first q, success], ...]}}``
+(``evaluation.first_confidences``), what the ablation table pools over a row's seeds."""
 
 
 class EvalWorker:
@@ -116,24 +120,23 @@ class EvalWorker:
         return {"record": [json.dumps(r) for r in records], "seconds": [seconds] * len(records)}
 
 
-def log_calibration_plots(tracker: MlflowTracker, records: list[dict[str, Any]]) -> None:
-    """A reliability diagram and a risk-coverage curve per benchmark and mode, from each episode's first
-    stated confidence (the ``*_first`` metrics), as PNG artifacts under ``plots/``."""
-    import tempfile
-
+def log_calibration_plots(tracker: MlflowTracker, pairs: Mapping[str, Mapping[str, Sequence[Sequence[Any]]]],
+                          prefix: str = "") -> None:
+    """A reliability diagram and a risk-coverage curve per mode and benchmark of
+    ``{mode: {benchmark: [[task id, q, success], ...]}}`` (``evaluation.first_confidences``), as PNG
+    artifacts under ``plots/<prefix>``."""
     from foresight_core.plots import reliability_diagram, risk_coverage_plot
 
-    groups: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    for r in records:
-        if r["confidences"] and r["confidences"][0] is not None:
-            groups.setdefault((r["benchmark"], r["mode"]), []).append((r["confidences"][0], float(r["success"])))
     with tempfile.TemporaryDirectory() as tmp:
-        for (bench, mode), pairs in sorted(groups.items()):
-            qs, ys = [q for q, _ in pairs], [y for _, y in pairs]
-            for kind, draw in (("reliability", reliability_diagram), ("risk_coverage", risk_coverage_plot)):
-                path = Path(tmp) / f"{bench}_{mode}_{kind}.png".replace("/", "_")
-                path.write_bytes(draw(qs, ys, title=f"{bench} / {mode}"))
-                tracker.log_artifact(str(path), "plots")
+        for mode, by_bench in sorted(pairs.items()):
+            for bench, rows in sorted(by_bench.items()):
+                if not rows:
+                    continue
+                qs, ys = [float(r[1]) for r in rows], [float(r[2]) for r in rows]
+                for kind, draw in (("reliability", reliability_diagram), ("risk_coverage", risk_coverage_plot)):
+                    path = Path(tmp) / f"{bench}_{mode}_{kind}.png".replace("/", "_")
+                    path.write_bytes(draw(qs, ys, title=f"{prefix}: {bench} / {mode}" if prefix else f"{bench} / {mode}"))
+                    tracker.log_artifact(str(path), f"plots/{prefix}" if prefix else "plots")
 
 
 def benchmark_task_uris(cfg: PipelineConfig, sources: list[BenchmarkSource]) -> list[str]:
@@ -218,7 +221,9 @@ def run_eval_stage(cfg: PipelineConfig, model_uri: str | None, corpus_uri: str |
         tracker.log_metrics({**metrics, "compute_s": compute_s})
         tracker.log_dict(report, "eval_report.json")
         tracker.log_dict({mode: task_scores(records, mode) for mode in modes(cfg.eval)}, TASK_SCORES)
-        log_calibration_plots(tracker, records)
+        calibration = first_confidences(records)
+        tracker.log_dict(calibration, CALIBRATION)
+        log_calibration_plots(tracker, calibration)
         sample = [r for name in sets for r in records if r["benchmark"] == name][:cfg.eval.sample_rows * len(sets)]
         if sample:
             tracker.log_table([{k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in r.items()}

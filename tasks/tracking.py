@@ -310,9 +310,9 @@ def artifact_json(client: Any, run_id: str, path: str) -> Any | None:
         return json.loads(Path(local).read_text())
 
 
-def run_json(cfg: PipelineConfig, run_id: str, path: str) -> Any:
-    """A JSON artifact of a run; a missing one is an error naming the run and the file."""
+def run_json(cfg: PipelineConfig, run_id: str, path: str, optional: bool = False) -> Any:
+    """A JSON artifact of a run; a missing one is an error naming the run and the file (``optional``: None)."""
     data = artifact_json(_client(tracking_uri(cfg)), run_id, path)
-    if data is None:
+    if data is None and not optional:
         raise FileNotFoundError(f"run {run_id} has no artifact {path}")
     return data

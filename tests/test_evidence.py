@@ -7,7 +7,7 @@ import pytest
 from foresight_core.budget import ablation_plan, model_params, plan_text, stage_chain
 from foresight_core.config import load_config
 from foresight_core.config.ablation import AblationConfig, Variant, apply_variant, load_ablation
-from foresight_core.evidence import RowRun, RowSpec, evidence_table, table_markdown
+from foresight_core.evidence import RowRun, RowSpec, evidence_table, pooled_pairs, table_markdown
 
 
 def run(variant: str, seed: int, scores: dict[str, float], tokens: float = 100.0, planning=None, chance=None,
@@ -40,6 +40,31 @@ def test_scores_intervals_and_paired_differences_by_hand():
     assert plain["token_overhead"] is None and rows["full"]["seeds"] == [0, 1]
     md = table_markdown(list(rows.values()))
     assert "### sw" in md and "| full | full | 2 | 0.500 [" in md and "| -0.333 [" in md and "+25.0%" in md
+
+
+def test_calibration_columns_pool_every_seed_of_a_row():
+    """ECE, Brier and AUROC come from the row's episodes of all seeds together, not the mean of per-seed
+    values: seed 0 states (0.9 won, 0.9 won), seed 1 (0.9 lost, 0.1 lost)."""
+    from sklearn.metrics import brier_score_loss, roc_auc_score
+
+    cal0 = {"direct": {"sw": [["a", 0.9, 1.0], ["b", 0.9, 1.0]]}}
+    cal1 = {"direct": {"sw": [["a", 0.9, 0.0], ["b", 0.1, 0.0]]}, "planning": {"sw": [["a", 0.5, 1.0]]}}
+    runs = [RowRun("full", 0, {}, {"direct": {"sw/a": 1.0, "sw/b": 1.0}}, cal0),
+            RowRun("full", 1, {}, {"direct": {"sw/a": 0.0, "sw/b": 0.0}}, cal1)]
+    b = evidence_table(runs, SPECS[1:], n_boot=100)[0]["benchmarks"]["sw"]
+    qs, ys = [0.9, 0.9, 0.9, 0.1], [1, 1, 0, 0]
+    # 10 bins: bin [0.9, 1.0] holds three at mean q 0.9 with accuracy 2/3; bin [0.1, 0.2) one at 0.1, accuracy 0
+    assert b["ece_first"] == pytest.approx(3 / 4 * abs(0.9 - 2 / 3) + 1 / 4 * 0.1)
+    assert b["brier_first"] == pytest.approx(brier_score_loss(ys, qs)) == pytest.approx((0.01 * 2 + 0.81 + 0.01) / 4)
+    assert b["auroc_first"] == pytest.approx(roc_auc_score(ys, qs)) == pytest.approx(0.75)
+    assert b["n_q"] == 4
+    assert pooled_pairs(runs)["planning"] == {"sw": [["a", 0.5, 1.0]]}
+    assert "| 4 |" in table_markdown(evidence_table(runs, SPECS[1:], n_boot=100))
+    # a row without any stated q: undefined, not perfect; runs logged without pairs keep the seed means
+    none = [RowRun("full", 0, {}, {"direct": {"sw/a": 0.0}}, {"direct": {"sw": []}})]
+    assert evidence_table(none, SPECS[1:], n_boot=50)[0]["benchmarks"]["sw"]["ece_first"] is None
+    old = [RowRun("full", 0, {"sw/direct/ece_first": 0.4}, {"direct": {"sw/a": 0.0}})]
+    assert evidence_table(old, SPECS[1:], n_boot=50)[0]["benchmarks"]["sw"]["ece_first"] == 0.4
 
 
 def test_planning_gain_is_claimed_only_above_the_random_control():

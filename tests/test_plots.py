@@ -28,6 +28,7 @@ def test_plots_refuse_what_the_metrics_refuse():
 def test_the_eval_stage_logs_both_plots_per_benchmark_and_mode():
     from pathlib import Path
 
+    from foresight_core.evaluation import first_confidences
     from tasks.evaluate import log_calibration_plots
 
     class Tracker:
@@ -37,14 +38,21 @@ def test_the_eval_stage_logs_both_plots_per_benchmark_and_mode():
         def log_artifact(self, local_path, artifact_path=None):
             self.logged.append((artifact_path, Path(local_path).name, Path(local_path).read_bytes()[:4]))
 
-    def rec(bench, mode, q, ok):
-        return {"benchmark": bench, "mode": mode, "confidences": [q, 0.1], "success": ok}
+    def rec(bench, mode, q, ok, task="t"):
+        return {"benchmark": bench, "mode": mode, "task_id": task, "confidences": [q, 0.1], "success": ok}
 
-    records = [rec("nq", "direct", 0.8, True), rec("nq", "direct", 0.3, False), rec("nq", "planning", 0.6, True),
-               {"benchmark": "math", "mode": "direct", "confidences": [None], "success": True}]  # no q: no plot
+    records = [rec("nq", "direct", 0.8, True, "a"), rec("nq", "direct", 0.3, False, "b"),
+               rec("nq", "planning", 0.6, True),
+               {"benchmark": "math", "mode": "direct", "task_id": "m", "confidences": [None], "success": True},
+               {"benchmark": "math", "mode": "direct", "task_id": "m2", "confidences": [], "success": False}]
+    pairs = first_confidences(records)  # the first stated q of each episode that stated one, in order
+    assert pairs == {"direct": {"nq": [["a", 0.8, 1.0], ["b", 0.3, 0.0]]}, "planning": {"nq": [["t", 0.6, 1.0]]}}
     tracker = Tracker()
-    log_calibration_plots(tracker, records)
+    log_calibration_plots(tracker, pairs)
     assert sorted(name for _, name, _ in tracker.logged) == [
         "nq_direct_reliability.png", "nq_direct_risk_coverage.png", "nq_planning_reliability.png",
         "nq_planning_risk_coverage.png"]
     assert {a for a, _, _ in tracker.logged} == {"plots"} and {h for _, _, h in tracker.logged} == {b"\x89PNG"}
+    tracker = Tracker()
+    log_calibration_plots(tracker, pairs, prefix="full")  # the ablation's pooled plots, one folder per row
+    assert {a for a, _, _ in tracker.logged} == {"plots/full"} and len(tracker.logged) == 4
