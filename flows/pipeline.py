@@ -408,8 +408,8 @@ def ablation(cfg: PipelineConfig, table: AblationConfig) -> dict[str, Any]:
             if refs.get("eval.run_id"):
                 results.append(RowRun(variant.name, seed, run_metrics(cfg, refs["eval.run_id"]),
                                       run_json(cfg, refs["eval.run_id"], TASK_SCORES),
-                                      # older eval runs (reused) have no pairs: their seeds' means
-                                      run_json(cfg, refs["eval.run_id"], CALIBRATION, optional=True) or {}))
+                                      # None from eval runs logged before the pairs: their seeds' means
+                                      run_json(cfg, refs["eval.run_id"], CALIBRATION, optional=True)))
         specs = [RowSpec(v.name, v.paper_row, v.changes, v.plain_twin) for v in table.variants]
         rows = evidence_table(results, specs, table.reference, table.n_boot, table.level)
         markdown = table_markdown(rows, table.reference, table.level)

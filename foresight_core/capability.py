@@ -181,7 +181,7 @@ def run_format_check(cfg: Any, stage: str, model_dir: str | os.PathLike, task_ur
 
     stage_cfg = getattr(cfg, stage)
     task_sets = load_task_sets(task_uris, cfg.infra.storage)
-    model_cfg = cfg.model.model_copy(update={"source": "hf", "name_or_path": str(model_dir), "lora": None})
+    model_cfg = cfg.model.saved(str(model_dir))
     model, tokenizer = load_model(model_cfg, device, train=False, seed=cfg.seed)
     return format_check(model, tokenizer, task_sets, cfg.envs, n_tasks=stage_cfg.format_check_tasks,
                         turn_format=stage_cfg.turn_format, temperature=stage_cfg.format_check_temperature,

@@ -50,7 +50,9 @@ class RowRun:
     seed: int
     metrics: Mapping[str, float]
     task_scores: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
-    calibration: Mapping[str, Mapping[str, Sequence[Sequence[Any]]]] = field(default_factory=dict)
+    calibration: Mapping[str, Mapping[str, Sequence[Sequence[Any]]]] | None = None
+    """``{mode: {benchmark: [[task id, first q, success], ...]}}``; None: the run did not log them (its seed's
+    ECE / Brier / AUROC metrics are used instead)."""
 
 
 @dataclass
@@ -93,7 +95,7 @@ def pooled_pairs(runs: Sequence[RowRun]) -> dict[str, dict[str, list[Sequence[An
     together: what the row's pooled ECE, Brier, AUROC and plots are computed from."""
     out: dict[str, dict[str, list[Sequence[Any]]]] = {}
     for r in runs:
-        for mode, by_bench in r.calibration.items():
+        for mode, by_bench in (r.calibration or {}).items():
             for bench, pairs in by_bench.items():
                 out.setdefault(mode, {}).setdefault(bench, []).extend(pairs)
     return out
@@ -144,7 +146,7 @@ def evidence_table(runs: Sequence[RowRun], specs: Sequence[RowSpec], reference: 
                 b["vs_reference"] = _paired(direct, _cells(ref_runs, "direct", bench), n_boot, level)
             for col in COLUMNS:
                 b[col] = _seed_mean(mine, f"{bench}/direct/{col}")
-            if any(r.calibration for r in mine):  # pooled over seeds (runs logged before the pairs: seed means)
+            if mine and all(r.calibration is not None for r in mine):  # pooled over seeds (else: seed means)
                 b.update(pooled_calibration(pooled_pairs(mine).get("direct", {}).get(bench, [])))
             twin = by_row.get(spec.plain_twin or "", [])
             mine_tokens, twin_tokens = b["gen_tokens"], _seed_mean(twin, f"{bench}/direct/gen_tokens")

@@ -600,8 +600,7 @@ def run_fc_rl(cfg: Any, train_tasks: Sequence[Task], out_dir: str | os.PathLike,
     ckpt_dir = out / "checkpoints"
     if resume_from is not None and Path(resume_from).resolve() != ckpt_dir.resolve():
         shutil.copytree(resume_from, ckpt_dir, dirs_exist_ok=True)
-    model_cfg = cfg.model if init_model is None else \
-        cfg.model.model_copy(update={"source": "hf", "name_or_path": str(init_model)})
+    model_cfg = cfg.model if init_model is None else cfg.model.saved(str(init_model), train=True)
     Progress.of(tracker).phase("loading the model")
     model, tokenizer = load_model(model_cfg, str(device), seed=cfg.seed)
     engine = None

@@ -163,7 +163,7 @@ def label_with_model(cfg: Any, data_uri: str, model_dir: str, out_uri: str, devi
         return limits[task.env]
 
     chosen = starts(rows, turn_limit)
-    model_cfg = cfg.model.model_copy(update={"source": "hf", "name_or_path": str(model_dir), "lora": None})
+    model_cfg = cfg.model.saved(str(model_dir))
     model, tokenizer = load_model(model_cfg, device, train=False, seed=cfg.seed)
     engine = HFEngine(model, tokenizer, max_batch=rc.rollout_batch)
     params = SamplingParams(temperature=rc.temperature, max_new_tokens=rc.max_new_tokens)

@@ -516,8 +516,7 @@ def run_sft(cfg, stage: str, data_uri: str, out_dir: str | os.PathLike, *, init_
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = stage_device(stage_cfg)
-    model_cfg = cfg.model if init_model is None else \
-        cfg.model.model_copy(update={"source": "hf", "name_or_path": str(init_model)})
+    model_cfg = cfg.model if init_model is None else cfg.model.saved(str(init_model), train=True)
     progress = Progress.of(tracker if not dist.is_initialized() or dist.get_rank() == 0 else None)
     progress.phase("loading the model")
     model, tokenizer = load_model(model_cfg, str(device), seed=cfg.seed)

@@ -82,8 +82,7 @@ class EvalWorker:
         weakref.finalize(self, shutil.rmtree, self.work, True)  # the downloaded model goes with the actor
         model_cfg = cfg.model
         if model_uri:
-            model_cfg = cfg.model.model_copy(update={"source": "hf", "name_or_path": local_model_dir(
-                model_uri, tracking, self.work / "model"), "lora": None})
+            model_cfg = cfg.model.saved(local_model_dir(model_uri, tracking, self.work / "model"))
         if cfg.eval.engine == "vllm":
             from foresight_core.models import save_model
             from foresight_core.vllm_engine import VLLMEngine

@@ -141,8 +141,7 @@ def load_agent(cfg: PipelineConfig, model: str | None = None, passages: str | No
     else:
         from tasks.train import local_model_dir
         work = tempfile.mkdtemp(prefix="foresight-ask-")
-        model_cfg = cfg.model.model_copy(update={"source": "hf", "lora": None,
-                                                 "name_or_path": local_model_dir(model, tracking_uri(cfg), work)})
+        model_cfg = cfg.model.saved(local_model_dir(model, tracking_uri(cfg), work))
     rows = load_passages(passages) if passages else world_passages(cfg)
     return build_agent(model_cfg, cfg.serve, cfg.envs, rows, cfg.eval.turn_format, seed=cfg.seed)
 

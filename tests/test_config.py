@@ -302,3 +302,13 @@ def test_repeated_greedy_evaluation_is_refused() -> None:
 def test_paper_preset_samples_its_k_answers() -> None:
     ev = load_config("paper", env={}).eval
     assert ev.samples_per_task == 30 and ev.temperature > 0
+
+
+def test_a_saved_model_is_loaded_with_adapters_to_train_and_without_to_play() -> None:
+    from foresight_core.config.model import LoRAConfig, ModelConfig
+
+    base = ModelConfig(source="smollm2_gguf", lora=LoRAConfig(r=4), dtype="float32")
+    train, play = base.saved("/m/fe_sft", train=True), base.saved("/m/fe_sft")
+    assert (train.source, train.name_or_path, train.lora.r, train.dtype) == ("hf", "/m/fe_sft", 4, "float32")
+    assert (play.source, play.name_or_path, play.lora, play.dtype) == ("hf", "/m/fe_sft", None, "float32")
+    assert base.source == "smollm2_gguf" and base.lora.r == 4  # the original is untouched

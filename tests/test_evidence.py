@@ -61,7 +61,7 @@ def test_calibration_columns_pool_every_seed_of_a_row():
     assert pooled_pairs(runs)["planning"] == {"sw": [["a", 0.5, 1.0]]}
     assert "| 4 |" in table_markdown(evidence_table(runs, SPECS[1:], n_boot=100))
     # a row without any stated q: undefined, not perfect; runs logged without pairs keep the seed means
-    none = [RowRun("full", 0, {}, {"direct": {"sw/a": 0.0}}, {"direct": {"sw": []}})]
+    none = [RowRun("full", 0, {}, {"direct": {"sw/a": 0.0}}, {})]
     assert evidence_table(none, SPECS[1:], n_boot=50)[0]["benchmarks"]["sw"]["ece_first"] is None
     old = [RowRun("full", 0, {"sw/direct/ece_first": 0.4}, {"direct": {"sw/a": 0.0}})]
     assert evidence_table(old, SPECS[1:], n_boot=50)[0]["benchmarks"]["sw"]["ece_first"] == 0.4

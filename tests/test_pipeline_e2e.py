@@ -105,5 +105,10 @@ def test_tiny_pipeline_end_to_end_then_ablation(prefect_server, ray_local, tiny_
     assert "### search_world" in table_md and "| full |" in table_md and "| fe_sft_only |" in table_md
     logged = json.loads(Path(client.download_artifacts(out["ablation.run_id"], "ablation_table.json")).read_text())
     assert logged["reference"] == "full" and [r["variant"] for r in logged["rows"]] == [v.name for v in table.variants]
+    # calibration pooled over each row's seeds, and its plots per row on the ablation run
+    assert all(b["n_q"] is not None for r in rows.values() for b in r["benchmarks"].values())  # pooled, not means
+    assert "eval_calibration.json" in {a.path for a in client.list_artifacts(refs["eval.run_id"])}
+    plotted = {a.path for a in client.list_artifacts(out["ablation.run_id"], "plots")}
+    assert plotted <= {f"plots/{name}" for name in rows_kept}
     # ablation variants are evidence, not candidates: nothing more in the registry
     assert len(client.search_model_versions("name = 'foresight-tiny'")) == 1

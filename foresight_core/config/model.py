@@ -37,6 +37,12 @@ class ModelConfig(StrictModel):
     tiny_hidden: int = Field(default=64, ge=8, multiple_of=8)
     """tiny: hidden size (a multiple of 8; heads of 16 dims when it is a multiple of 16, else one head)."""
 
+    def saved(self, path: str, train: bool = False) -> "ModelConfig":
+        """This config pointed at a model a stage saved (``source: hf`` at ``path``). ``train``: to train on,
+        with this config's LoRA (new adapters on the saved weights); else to play, with no adapters."""
+        return self.model_copy(update={"source": "hf", "name_or_path": str(path),
+                                       **({} if train else {"lora": None})})
+
     @model_validator(mode="after")
     def _hf_needs_path(self) -> "ModelConfig":
         if self.source == "hf" and not self.name_or_path:
