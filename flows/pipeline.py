@@ -384,8 +384,9 @@ def ablation(cfg: PipelineConfig, table: AblationConfig) -> dict[str, Any]:
     pipeline with its own stages, overrides and seed, nested under one MLflow run; finished stages are
     shared wherever config and inputs agree (the corpus across rows of a seed, WM-AMT / FE-SFT across the
     rows that train them alike). The table (``foresight_core.evidence``: means with intervals over tasks
-    and seeds, paired differences against the reference row, planning against its random-of-K control)
-    is logged as Markdown and JSON."""
+    and seeds, paired differences against the reference row, planning against its random-of-K control,
+    calibration over each row's seeds pooled) is logged as Markdown and JSON, and each row's reliability
+    diagram and risk-coverage curve as PNGs under ``plots/<row>/``."""
     from foresight_core.config.ablation import row_configs
     from foresight_core.evidence import RowRun, RowSpec, evidence_table, pooled_pairs, table_markdown
     from tasks.evaluate import CALIBRATION, TASK_SCORES, log_calibration_plots
