@@ -38,7 +38,7 @@ from foresight_core.config.evaluation import EvalConfig
 from foresight_core.envs.base import Env
 from foresight_core.format import parse_turn
 from foresight_core.metrics import pass_at_k
-from foresight_core.scoring import episode_facts, summarise_episodes
+from foresight_core.scoring import episode_facts, first_confidence, summarise_episodes
 from foresight_core.rollout import Generation, Rollout, RolloutEngine, SamplingParams, play_group
 from foresight_core.types import Task
 
@@ -133,10 +133,9 @@ def first_confidences(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[st
     from, kept per episode so that evaluations can be pooled (a row's seeds in the ablation table)."""
     out: dict[str, dict[str, list[list[Any]]]] = {}
     for r in records:
-        qs = r.get("confidences") or []
-        if qs and qs[0] is not None:
+        if (q := first_confidence(r)) is not None:
             out.setdefault(r["mode"], {}).setdefault(r["benchmark"], []).append(
-                [r.get("task_id"), float(qs[0]), float(bool(r["success"]))])
+                [r.get("task_id"), q, float(bool(r["success"]))])
     return out
 
 

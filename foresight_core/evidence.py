@@ -32,7 +32,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from foresight_core.metrics import auroc, brier_score, expected_calibration_error, seeds_tasks_interval
+from foresight_core.metrics import seeds_tasks_interval
+from foresight_core.scoring import calibration
 
 COLUMNS = ("f1", "pass_at_k", "format_rate", "ece_first", "brier_first", "auroc_first", "n_q", "grounding_rate",
            "gen_tokens")
@@ -104,11 +105,8 @@ def pooled_pairs(runs: Sequence[RowRun]) -> dict[str, dict[str, list[Sequence[An
 def pooled_calibration(pairs: Sequence[Sequence[Any]]) -> dict[str, float | None]:
     """ECE, Brier and AUROC of ``[[task id, q, success], ...]``, and their count ``n_q``; None where undefined
     (no pair; AUROC with one outcome only)."""
-    qs, ys = [float(p[1]) for p in pairs], [float(p[2]) for p in pairs]
-    if not qs:
-        return {"ece_first": None, "brier_first": None, "auroc_first": None, "n_q": 0.0}
-    return {"ece_first": expected_calibration_error(qs, ys), "brier_first": brier_score(qs, ys),
-            "auroc_first": auroc(qs, ys), "n_q": float(len(qs))}
+    cal = calibration([float(p[1]) for p in pairs], [float(p[2]) for p in pairs])
+    return {**{f"{k}_first": v for k, v in cal.items()}, "n_q": float(len(pairs))}
 
 
 def benchmarks(runs: Sequence[RowRun]) -> list[str]:
@@ -137,6 +135,7 @@ def evidence_table(runs: Sequence[RowRun], specs: Sequence[RowSpec], reference: 
         mine = by_row[spec.name]
         row: dict[str, Any] = {"variant": spec.name, "paper_row": spec.paper_row, "changes": spec.changes,
                                "seeds": sorted({r.seed for r in mine}), "benchmarks": {}}
+        pooled = pooled_pairs(mine) if mine and all(r.calibration is not None for r in mine) else None
         for bench in benches:
             direct = _cells(mine, "direct", bench)
             if not direct:
@@ -146,8 +145,8 @@ def evidence_table(runs: Sequence[RowRun], specs: Sequence[RowSpec], reference: 
                 b["vs_reference"] = _paired(direct, _cells(ref_runs, "direct", bench), n_boot, level)
             for col in COLUMNS:
                 b[col] = _seed_mean(mine, f"{bench}/direct/{col}")
-            if mine and all(r.calibration is not None for r in mine):  # pooled over seeds (else: seed means)
-                b.update(pooled_calibration(pooled_pairs(mine).get("direct", {}).get(bench, [])))
+            if pooled is not None:  # pooled over seeds (runs logged without their pairs: seed means)
+                b.update(pooled_calibration(pooled.get("direct", {}).get(bench, [])))
             twin = by_row.get(spec.plain_twin or "", [])
             mine_tokens, twin_tokens = b["gen_tokens"], _seed_mean(twin, f"{bench}/direct/gen_tokens")
             b["token_overhead"] = (mine_tokens / twin_tokens - 1.0) if mine_tokens and twin_tokens else None

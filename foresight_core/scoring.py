@@ -88,6 +88,21 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
 
+def first_confidence(episode: Mapping[str, Any]) -> float | None:
+    """The q an episode stated in its first turn, before acting (None: it stated none)."""
+    qs = episode.get("confidences") or []
+    return None if not qs or qs[0] is None else float(qs[0])
+
+
+def calibration(confidences: Sequence[float], outcomes: Sequence[float]) -> dict[str, float | None]:
+    """``ece``, ``brier`` and ``auroc`` of stated confidences against outcomes; None where undefined (no
+    pair; AUROC with one outcome only)."""
+    if not confidences:
+        return {"ece": None, "brier": None, "auroc": None}
+    return {"ece": expected_calibration_error(confidences, outcomes), "brier": brier_score(confidences, outcomes),
+            "auroc": auroc(confidences, outcomes)}
+
+
 def summarise_episodes(episodes: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """Metrics of a set of episodes (``episode_facts`` dicts, or evaluation records holding those keys):
 
@@ -101,8 +116,7 @@ def summarise_episodes(episodes: Sequence[Mapping[str, Any]]) -> dict[str, float
     if not episodes:
         raise ValueError("summarise_episodes() needs at least one episode")
     pairs = [(q, float(e["success"])) for e in episodes for q in e["confidences"] if q is not None]
-    first = [(e["confidences"][0], float(e["success"])) for e in episodes
-             if e["confidences"] and e["confidences"][0] is not None]
+    first = [(q, float(e["success"])) for e in episodes if (q := first_confidence(e)) is not None]
     turns = sum(e["turns"] for e in episodes)
     out = {
         "episodes": float(len(episodes)),
@@ -117,10 +131,8 @@ def summarise_episodes(episodes: Sequence[Mapping[str, Any]]) -> dict[str, float
     if all("valid_turns" in e for e in episodes):
         out["valid_turn_rate"] = sum(e["valid_turns"] for e in episodes) / turns if turns else math.nan
     for suffix, ps in (("", pairs), ("_first", first)):
-        out["ece" + suffix] = expected_calibration_error([q for q, _ in ps], [o for _, o in ps]) if ps else math.nan
-        out["brier" + suffix] = brier_score([q for q, _ in ps], [o for _, o in ps]) if ps else math.nan
-        area = auroc([q for q, _ in ps], [o for _, o in ps]) if ps else None
-        out["auroc" + suffix] = math.nan if area is None else area  # NaN: no pair, or one outcome only
+        for k, v in calibration([q for q, _ in ps], [o for _, o in ps]).items():
+            out[k + suffix] = math.nan if v is None else v  # NaN: no pair (AUROC: or one outcome only)
     if all("candidate_tokens" in e for e in episodes):  # test-time planning: all K candidates' tokens
         out["candidate_tokens"] = _mean([float(e["candidate_tokens"]) for e in episodes])
     if all("finish" in e for e in episodes):
