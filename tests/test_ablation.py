@@ -14,8 +14,25 @@ def test_every_table_applies_to_every_preset(table, preset):
     t = load_ablation(table)
     cfg = load_config(preset)
     for v in t.variants:
-        vcfg = apply_variant(cfg, v)
+        vcfg = apply_variant(cfg, v, t.overrides)
         assert vcfg.stages == v.stages and vcfg.name == f"{cfg.name}-{v.name}"
+
+
+def test_table_overrides_apply_to_every_row_and_a_row_wins():
+    from foresight_core.config.ablation import row_configs
+    cfg = load_config("laptop")
+    assert cfg.fe_sft.format_check_tasks == 6  # a lone pipeline run checks FE-SFT's format itself
+    table = AblationConfig(overrides={"fe_sft.format_check_tasks": 0, "fc_rl.lr": 3e-5}, seeds=[0, 1], variants=[
+        Variant(name="a", stages=["corpus", "fe_sft", "eval"]),
+        Variant(name="b", stages=["corpus", "fe_sft", "fc_rl", "eval"], overrides={"fc_rl.lr": 2e-5})])
+    rows = row_configs(cfg, table)
+    assert [(v.name, seed) for v, seed, _ in rows] == [("a", 0), ("b", 0), ("a", 1), ("b", 1)]
+    assert all(c.fe_sft.format_check_tasks == 0 for _, _, c in rows)
+    assert [c.fc_rl.lr for _, _, c in rows] == [3e-5, 2e-5, 3e-5, 2e-5]
+    with pytest.raises(ConfigError, match="fe_sft.bogus"):
+        row_configs(cfg, AblationConfig(overrides={"fe_sft.bogus": 1}, variants=table.variants))
+    # the checked-in method table leaves the format to the eval stage, which measures it for every row
+    assert load_ablation("paper_table").overrides == {"fe_sft.format_check_tasks": 0}
 
 
 def test_paper_table_rows():

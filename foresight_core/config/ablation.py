@@ -43,6 +43,9 @@ class AblationConfig(StrictModel):
     seeds: list[int] = Field(default=[0, 1, 2], min_length=1)
     """Seeds every row runs at (``seed``: its corpus draw, training order and sampling); the table shows the
     mean over seeds and tasks with a bootstrap interval over both."""
+    overrides: dict[str, Any] = {}
+    """Dotted config paths and values every row takes before its own ``overrides`` (a row's own value wins):
+    what the table as a whole changes against a single pipeline run."""
     reference: str = "full"
     """The row every other row is compared with, paired on the same (seed, task) cells."""
     level: float = Field(default=0.95, gt=0, lt=1)
@@ -83,15 +86,17 @@ def load_ablation(name_or_path: str) -> AblationConfig:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
 
 
-def apply_variant(cfg: PipelineConfig, variant: Variant) -> PipelineConfig:
-    """The base config with the variant's stages and overrides; a bad override names the field."""
+def apply_variant(cfg: PipelineConfig, variant: Variant,
+                  table_overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """The base config with the table's overrides, then the variant's stages and overrides; a bad override
+    names the field."""
     data = cfg.model_dump(mode="json")
     for name in ("key", "secret"):  # the JSON dump masks credentials: carry the real ones over
         value = getattr(cfg.infra.storage, name)
         data["infra"]["storage"][name] = value.get_secret_value() if value is not None else None
     data["stages"] = list(variant.stages)
     data["name"] = f"{cfg.name}-{variant.name}"
-    for dotted, value in variant.overrides.items():
+    for dotted, value in [*(table_overrides or {}).items(), *variant.overrides.items()]:
         set_path(data, dotted, value)
     return validate(data, f"ablation variant {variant.name}")
 
@@ -100,5 +105,5 @@ def row_configs(cfg: PipelineConfig, table: AblationConfig,
                 seeds: list[int] | None = None) -> list[tuple[Variant, int, PipelineConfig]]:
     """Every (row, seed) of the table as its pipeline config, seed-major (all rows of seed 0 first, so the
     first seed's table is complete early); a bad override raises ``ConfigError`` naming it, before any work."""
-    return [(v, seed, apply_variant(cfg.model_copy(update={"seed": seed}), v))
+    return [(v, seed, apply_variant(cfg.model_copy(update={"seed": seed}), v, table.overrides))
             for seed in (table.seeds if seeds is None else seeds) for v in table.variants]
