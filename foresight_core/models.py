@@ -102,8 +102,10 @@ def bf16_supported(device: str = "cpu") -> bool:
 
 
 def cpu_type() -> str:
-    """Which of the CPU types we meet this is, for every printed figure: ``AVX512-BF16`` (or AMX: bf16 is
-    native), ``AVX512`` / ``AVX2`` (bf16 emulated: fp32 is the fast dtype), plus the model name and core count."""
+    """Which of the CPU types we meet this is, for every printed figure: ``AMX-BF16`` (bf16 matrix tiles),
+    ``AVX512-BF16`` (bf16 native in the vector units), ``AVX512`` / ``AVX2`` (bf16 emulated: fp32 is the fast
+    dtype), plus the model name and core count. The name matters as much as the flags: 2 cores of the Intel
+    Xeon we meet do ~970 GFLOP/s of bf16 GEMM, 2 of the AMD EPYC with AVX512-BF16 ~300 (measured)."""
     import os
 
     flags, name = set(), ""
@@ -115,7 +117,8 @@ def cpu_type() -> str:
                 name = line.split(":", 1)[1].strip()
     except OSError:
         pass
-    kind = ("AVX512-BF16" if bf16_supported() else "AVX512" if "avx512f" in flags
+    kind = ("AMX-BF16" if bf16_supported() and "amx_bf16" in flags else "AVX512-BF16" if bf16_supported()
+            else "AVX512" if "avx512f" in flags
             else "AVX2" if "avx2" in flags else "other")
     return f"{kind} ({name or 'unknown CPU'}, {os.cpu_count()} cores)"
 
