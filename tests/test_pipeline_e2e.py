@@ -78,7 +78,10 @@ def test_tiny_pipeline_end_to_end_then_ablation(prefect_server, ray_local, tiny_
     # evaluation (CI time)
     no_planning = [v.model_copy(update={"overrides": {k: x for k, x in v.overrides.items() if k != "eval.plan_candidates"}})
                    for v in table.variants if v.name in rows_kept]
-    table = table.model_copy(update={"variants": no_planning, "seeds": [0, 1], "n_boot": 200})
+    # and without the table's own overrides (no FE-SFT format check), which would make its FE-SFT another stage
+    # than the run's: the reuse across flows is what this shows (test_ablation covers the overrides)
+    assert table.overrides == {"fe_sft.format_check_tasks": 0}
+    table = table.model_copy(update={"variants": no_planning, "seeds": [0, 1], "n_boot": 200, "overrides": {}})
     ablation_cfg = tiny_cfg.model_copy(update={"eval": tiny_cfg.eval.model_copy(update={"plan_candidates": 0})})
     out = ablation(ablation_cfg, table)
     rows = {r["variant"]: r for r in out["rows"]}
