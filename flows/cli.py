@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run only these variants (repeatable)")
     ablate.add_argument("--seeds", default=None, metavar="S,S,...",
                         help="seeds every row runs at (default: the table's, 0,1,2)")
+    ablate.add_argument("--lanes", type=int, default=None, metavar="N",
+                        help="rows run at once (default: the table's; on a local Ray each stage gets CPUs / N)")
     ablate.add_argument("--plan", action="store_true", help="print the rows, the shared stages and the estimated "
                         "GPU hours, and run nothing")
     ablate.add_argument("--params", type=float, default=None, metavar="N",
@@ -398,6 +400,10 @@ def main(argv: list[str] | None = None) -> int:
                     table = type(table).model_validate({**table.model_dump(), "seeds": seeds})
                 except ValidationError as e:
                     raise ConfigError(_format_validation_error(e, "--seeds")) from None
+            if args.lanes is not None:
+                if args.lanes < 1:
+                    raise ConfigError(f"--lanes: expected a whole number >= 1, got {args.lanes}")
+                table = table.model_copy(update={"lanes": args.lanes})
             row_configs(cfg, table)  # every row's overrides checked at every seed, before any work
         except ConfigError as e:
             return _fail(str(e))

@@ -378,6 +378,46 @@ def retrain(preset: str | None = None, overrides: dict[str, Any] | None = None,
                        extra_tags={"foresight.data_version": version})
 
 
+def lane_share(cfg: PipelineConfig, table: AblationConfig) -> AblationConfig:
+    """The table with each stage's CPU share when rows run side by side on a local Ray: its CPUs / lanes
+    (``infra.ray.cpus_per_stage``, unless set), as a table-wide override that the rows' configs show."""
+    if table.lanes == 1 or cfg.infra.ray.address or cfg.infra.ray.cpus_per_stage or \
+            "infra.ray.cpus_per_stage" in table.overrides:
+        return table
+    cpus = cfg.infra.ray.num_cpus or len(os.sched_getaffinity(0))
+    share = max(1, cpus // table.lanes)
+    return table.model_copy(update={"overrides": {**table.overrides, "infra.ray.cpus_per_stage": share}})
+
+
+def in_lanes(work: Any, n: int, lanes: int) -> None:
+    """``work(i)`` for i in 0..n-1, ``lanes`` at a time, taken in order; each thread sees this flow run's
+    context (Prefect's run, its logger). The first failure is raised once every started item has ended
+    (a row never stops another half-way); the items not yet started are not started."""
+    if lanes <= 1:
+        for i in range(n):
+            work(i)
+        return
+    import contextvars
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    failed = threading.Event()
+
+    def guarded(ctx: contextvars.Context, i: int) -> None:
+        if failed.is_set():
+            return
+        try:
+            ctx.run(work, i)
+        except BaseException:
+            failed.set()
+            raise
+
+    with ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="lane") as pool:
+        futures = [pool.submit(guarded, contextvars.copy_context(), i) for i in range(n)]
+    for f in futures:
+        f.result()  # the first failure, in the rows' order
+
+
 @flow(name="ablation", log_prints=True)
 def ablation(cfg: PipelineConfig, table: AblationConfig) -> dict[str, Any]:
     """The method table of METHOD.md in one flow run: every variant at every seed of ``table.seeds`` is the
@@ -394,30 +434,36 @@ def ablation(cfg: PipelineConfig, table: AblationConfig) -> dict[str, Any]:
 
     cfg = revalidate(cfg)
     logger = get_run_logger()
+    table = lane_share(cfg, table)
     # every override checked before any work
     runs_to_do = row_configs(cfg, table)
-    results: list[RowRun] = []
+    results: list[RowRun | None] = [None] * len(runs_to_do)
     with mlflow_run(cfg, f"{cfg.name}-ablation", stage="ablation",
-                    tags={"prefect.flow_run_id": str(flow_run.id)}) as parent:
+                    tags={"prefect.flow_run_id": str(flow_run.id), "foresight.lanes": str(table.lanes)}) as parent:
         parent.log_dict(table.model_dump(mode="json"), "ablation.json")
-        for variant, seed, vcfg in runs_to_do:
+
+        def row(i: int) -> None:
+            variant, seed, vcfg = runs_to_do[i]
             logger.info("variant %s seed %d (%s)", variant.name, seed, variant.paper_row)
             refs = _run_stages(vcfg, list(variant.stages), run_name=f"{vcfg.name}-seed{seed}-pipeline",
                                parent_run_id=parent.run_id,
                                extra_tags={"foresight.variant": variant.name, "foresight.seed": str(seed)},
                                register_model=False)  # variants are evidence, not candidates for champion
             if refs.get("eval.run_id"):
-                results.append(RowRun(variant.name, seed, run_metrics(cfg, refs["eval.run_id"]),
-                                      run_json(cfg, refs["eval.run_id"], TASK_SCORES),
-                                      # None from eval runs logged before the pairs: their seeds' means
-                                      run_json(cfg, refs["eval.run_id"], CALIBRATION, optional=True)))
+                results[i] = RowRun(variant.name, seed, run_metrics(cfg, refs["eval.run_id"]),
+                                    run_json(cfg, refs["eval.run_id"], TASK_SCORES),
+                                    # None from eval runs logged before the pairs: their seeds' means
+                                    run_json(cfg, refs["eval.run_id"], CALIBRATION, optional=True))
+
+        in_lanes(row, len(runs_to_do), table.lanes)
+        done = [r for r in results if r is not None]
         specs = [RowSpec(v.name, v.paper_row, v.changes, v.plain_twin) for v in table.variants]
-        rows = evidence_table(results, specs, table.reference, table.n_boot, table.level)
+        rows = evidence_table(done, specs, table.reference, table.n_boot, table.level)
         markdown = table_markdown(rows, table.reference, table.level)
         parent.log_text(markdown, "ablation_table.md")
         parent.log_dict({"reference": table.reference, "level": table.level, "rows": rows}, "ablation_table.json")
         for variant in table.variants:  # each row's reliability and risk-coverage plots, its seeds pooled
-            log_calibration_plots(parent, pooled_pairs([r for r in results if r.variant == variant.name]),
+            log_calibration_plots(parent, pooled_pairs([r for r in done if r.variant == variant.name]),
                                   prefix=variant.name)
     print(markdown)
     return {"ablation.run_id": parent.run_id, "rows": rows}

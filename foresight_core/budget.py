@@ -124,6 +124,8 @@ class AblationPlan:
     cells: dict[str, int] = field(default_factory=dict)
     """Benchmark -> (seed, task) cells each row is scored on: seeds x held-out tasks."""
     level: float = 0.95
+    lanes: int = 1
+    """(row, seed) pipelines in flight at once."""
 
 
 def ablation_plan(cfg: PipelineConfig, table: AblationConfig, seeds: Sequence[int] | None = None,
@@ -154,12 +156,13 @@ def ablation_plan(cfg: PipelineConfig, table: AblationConfig, seeds: Sequence[in
                    f"token at {gen_mfu:.0%}, of {peak_tflops:g} TFLOP/s per GPU; the corpus runs on CPUs"
                    if n is not None else "N unknown (give --params): no GPU-hour estimate")
     cells = {name: len(seeds) * _eval_tasks(cfg) for name in benchmark_names(cfg)}  # a task: the mean of its samples
-    return AblationPlan(rows, seeds, executions, naive, hours, n, assumptions, cells, table.level)
+    return AblationPlan(rows, seeds, executions, naive, hours, n, assumptions, cells, table.level, table.lanes)
 
 
 def plan_text(plan: AblationPlan) -> str:
     """The plan as the terminal shows it."""
-    lines = [f"{len(plan.rows)} rows x {len(plan.seeds)} seeds {plan.seeds}", ""]
+    at_once = f", {plan.lanes} at a time" if plan.lanes > 1 else ""
+    lines = [f"{len(plan.rows)} rows x {len(plan.seeds)} seeds {plan.seeds}{at_once}", ""]
     width = max(len(r["name"]) for r in plan.rows)
     for r in plan.rows:
         lines.append(f"  {r['name']:<{width}}  {' > '.join(r['stages'])}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -83,6 +84,14 @@ def init_ray(ray_cfg: RayConfig, env_vars: dict[str, str] | None = None) -> str:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
+    with _RAY_INIT:  # rows side by side (``foresight ablate`` lanes) may start their first stages at once
+        return _init_ray(ray, ray_cfg, runtime_env)
+
+
+_RAY_INIT = threading.Lock()
+
+
+def _init_ray(ray: Any, ray_cfg: RayConfig, runtime_env: dict[str, Any] | None) -> str:
     if ray.is_initialized():
         return "existing"
     from tasks.progress import activity
@@ -225,6 +234,8 @@ def node_cpus() -> list[int]:
 
 def worker_threads(cfg: PipelineConfig, num_workers: int, explicit: int | None) -> tuple[int, int]:
     """``(cpus reserved per worker, torch threads per worker)`` for a stage on the Ray that is running:
-    ``cfg.num_threads`` sets the threads alone, ``explicit`` (a stage's ``scaling.cpus_per_worker``) both."""
-    cpus = cpus_per_worker(num_workers, node_cpus(), explicit)
+    ``cfg.num_threads`` sets the threads alone, ``explicit`` (a stage's ``scaling.cpus_per_worker``) both, and
+    ``infra.ray.cpus_per_stage`` caps what the stage may take of each node."""
+    share = cfg.infra.ray.cpus_per_stage  # rows side by side (``foresight ablate`` lanes): each stage its share
+    cpus = cpus_per_worker(num_workers, [min(n, share) if share else n for n in node_cpus()], explicit)
     return cpus, cfg.num_threads or cpus

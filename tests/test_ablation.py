@@ -97,3 +97,73 @@ def test_variant_mapping_override_merges():
     assert {k: got[k] for k in base if got[k] != base[k]} == {
         "stages": ["corpus", "fc_rl"], "name": "laptop-m", "fc_rl.lr": 1e-3, "fe_sft.scaling.num_workers": 2}
     assert apply_variant(cfg, v).fe_sft.loss_on == "assistant"
+
+
+def test_lanes_split_a_local_ray_and_leave_a_cluster_to_its_scheduler():
+    from flows.pipeline import lane_share
+    from foresight_core.config.ablation import row_configs
+
+    t = AblationConfig(lanes=2, overrides={"fc_rl.lr": 3e-5}, variants=[Variant(name="a", stages=["corpus", "eval"])])
+    four = load_config("laptop", overrides=["infra.ray.num_cpus=4"], env={})
+    shared = lane_share(four, t)
+    assert shared.overrides == {"fc_rl.lr": 3e-5, "infra.ray.cpus_per_stage": 2}  # 4 CPUs / 2 lanes
+    assert [c.infra.ray.cpus_per_stage for _, _, c in row_configs(four, shared)] == [2, 2, 2]
+    assert lane_share(four, t.model_copy(update={"lanes": 3})).overrides["infra.ray.cpus_per_stage"] == 1
+    assert lane_share(four, t.model_copy(update={"lanes": 8})).overrides["infra.ray.cpus_per_stage"] == 1
+    assert lane_share(four, t.model_copy(update={"lanes": 1})) == t.model_copy(update={"lanes": 1})
+    cluster = load_config("laptop", overrides=["infra.ray.address=ray://head:10001"], env={})
+    assert lane_share(cluster, t) == t  # a cluster places the stages by their own resource requests
+    own = load_config("laptop", overrides=["infra.ray.num_cpus=4", "infra.ray.cpus_per_stage=3"], env={})
+    assert lane_share(own, t) == t  # the user's share stands
+    assert load_ablation("paper_table").lanes == 2  # the method table: two rows at once
+    with pytest.raises(ValueError, match="lanes"):
+        AblationConfig(lanes=0, variants=t.variants)
+
+
+def test_in_lanes_runs_every_item_side_by_side_in_the_flow_context():
+    import contextvars
+    import threading
+
+    from flows.pipeline import in_lanes
+
+    var = contextvars.ContextVar("flow_run", default=None)
+    var.set("run-1")
+    seen, lock = [], threading.Lock()
+    both = threading.Barrier(2, timeout=10)  # items 0 and 1 wait for each other: only lanes that overlap pass
+
+    def work(i):
+        if i < 2:
+            both.wait()
+        with lock:
+            seen.append((i, var.get()))
+
+    in_lanes(work, 5, lanes=2)
+    assert sorted(seen) == [(i, "run-1") for i in range(5)]
+    order = []
+    in_lanes(order.append, 4, lanes=1)
+    assert order == [0, 1, 2, 3]  # one lane: the rows in order, in this thread
+
+
+def test_in_lanes_raises_the_first_failure_after_the_rows_in_flight_end():
+    import threading
+    import time
+
+    from flows.pipeline import in_lanes
+
+    started, finished = [], []
+    failing = threading.Event()
+
+    def work(i):
+        started.append(i)
+        if i == 1:
+            failing.set()
+            raise RuntimeError("row 1 failed")
+        if i == 0:
+            failing.wait(10)
+            time.sleep(0.2)  # still in flight when row 1 fails: it ends, it is not cut short
+        finished.append(i)
+
+    with pytest.raises(RuntimeError, match="row 1 failed"):
+        in_lanes(work, 6, lanes=2)
+    assert 0 in finished and 1 not in finished
+    assert len(started) <= 3  # nothing new starts once a row has failed (at most the one already taken)

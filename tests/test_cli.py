@@ -216,7 +216,7 @@ def test_foresight_corpus_tiny_end_to_end(tmp_path: Path) -> None:
 def test_ablate_plan_paper_preset_on_a_cpu() -> None:
     out = _foresight("ablate", "--preset", "paper", "--plan")
     assert out.returncode == 0, out.stderr
-    assert "15 rows x 3 seeds [0, 1, 2]" in out.stdout and "state_sft_rl" in out.stdout
+    assert "15 rows x 3 seeds [0, 1, 2], 2 at a time" in out.stdout and "state_sft_rl" in out.stdout
     assert "GPU h" in out.stdout and "stage executions (shared stages run once):" in out.stdout
     bad = _foresight("ablate", "--preset", "paper", "--seeds", "0,zero")
     assert bad.returncode == 2 and "--seeds: expected comma-separated integers" in bad.stderr

@@ -104,6 +104,12 @@ def test_tiny_pipeline_end_to_end_then_ablation(prefect_server, ray_local, tiny_
                   and r.data.tags["foresight.seed"] == "0")
     omega0_refs = json.loads(Path(client.download_artifacts(omega0.info.run_id, "refs.json")).read_text())
     assert omega0_refs["fe_sft.run_id"] == refs["fe_sft.run_id"]  # shared: only FC-RL and eval differ
+    # two rows at a time (the table's lanes), each stage on its share of ray_local's 2 CPUs: one thread
+    assert table.lanes == 2
+    spans = sorted((r.info.start_time, r.info.end_time) for r in children)
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), spans  # rows overlapped
+    for stage in ("fc_rl", "eval"):  # trained and evaluated by the table itself, not reused from the run
+        assert client.get_run(omega0_refs[f"{stage}.run_id"]).data.tags["foresight.worker.torch_threads"] == "1"
     table_md = Path(client.download_artifacts(out["ablation.run_id"], "ablation_table.md")).read_text()
     assert "### search_world" in table_md and "| full |" in table_md and "| fe_sft_only |" in table_md
     logged = json.loads(Path(client.download_artifacts(out["ablation.run_id"], "ablation_table.json")).read_text())

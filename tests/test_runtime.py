@@ -35,3 +35,20 @@ def test_every_laptop_stage_gets_every_cpu_of_the_machine() -> None:
         assert cpus_per_worker(scaling.num_workers, [n], scaling.cpus_per_worker) == n, stage
     assert cpus_per_worker(cfg.eval.num_actors, [n]) == n
     assert cfg.num_threads is None  # nothing caps the threads below the CPUs
+
+
+def test_a_stage_share_caps_what_each_stage_takes_of_a_node(monkeypatch) -> None:
+    import tasks.runtime as runtime
+
+    monkeypatch.setattr(runtime, "node_cpus", lambda: [2])
+    cfg = load_config("laptop", env={})
+    assert runtime.worker_threads(cfg, 1, None) == (2, 2)  # alone: the whole node
+    shared = load_config("laptop", overrides=["infra.ray.cpus_per_stage=1"], env={})
+    assert runtime.worker_threads(shared, 1, None) == (1, 1)  # two rows side by side: one core each
+    assert runtime.worker_threads(shared, 2, None) == (1, 1)
+    monkeypatch.setattr(runtime, "node_cpus", lambda: [16, 16])
+    quarter = load_config("laptop", overrides=["infra.ray.cpus_per_stage=4"], env={})
+    assert runtime.worker_threads(quarter, 1, None) == (4, 4)
+    assert runtime.worker_threads(quarter, 2, None) == (4, 4)  # 2 workers of 4 CPUs fit the 4 of each node
+    assert runtime.worker_threads(quarter, 1, 8) == (8, 8)  # a stage's explicit cpus_per_worker still wins
+

@@ -46,6 +46,12 @@ class AblationConfig(StrictModel):
     overrides: dict[str, Any] = {}
     """Dotted config paths and values every row takes before its own ``overrides`` (a row's own value wins):
     what the table as a whole changes against a single pipeline run."""
+    lanes: int = Field(default=1, ge=1)
+    """How many (row, seed) pipelines run at once. On a local Ray each stage then reserves its share of the
+    CPUs (``infra.ray.cpus_per_stage`` = CPUs / lanes): on 2 cores, two stages on one thread each decode ~1.3x
+    faster than one on two (``benchmarks/concurrent_stages.py``), and one row's start-up overlaps the other's
+    work. On a cluster, rows run side by side as far as its resources hold them. Rows that need the same
+    unfinished stage never train it twice: the second waits for it and reuses it (``tasks.stage``)."""
     reference: str = "full"
     """The row every other row is compared with, paired on the same (seed, task) cells."""
     level: float = Field(default=0.95, gt=0, lt=1)

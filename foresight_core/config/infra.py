@@ -38,6 +38,10 @@ class RayConfig(StrictModel):
     """CPUs for a local Ray (None: all of this machine's)."""
     object_store_memory_mb: int = Field(default=512, ge=64)
     """Object store cap for a local Ray (Ray reserves ~30% of RAM by default)."""
+    cpus_per_stage: int | None = Field(default=None, ge=1)
+    """CPUs one stage may reserve on a node, split among its workers or actors (each gets as many torch threads).
+    None: a whole node's. ``foresight ablate`` with ``lanes`` > 1 on a local Ray sets it to the Ray's CPUs / lanes,
+    so that the rows in flight share the machine instead of oversubscribing it."""
     keep_finished_checkpoints: bool = False
     """Keep a training stage's Ray run folder (its checkpoints: weights and optimiser state, ~1.6 GB each
     for SmolLM2-135M in fp32) after the stage has finished and its model is in MLflow. False: deleted then,
