@@ -3,10 +3,10 @@
     python benchmarks/concurrent_stages.py             # SmolLM2-135M: decoding and training, 2 cores
     python benchmarks/concurrent_stages.py --quick     # the tiny random model (a smoke run, no figures)
 
-The ablation runs its stage executions one after another, each on all cores. On a small CPU that is
-wasteful where a stage decodes: a decoding step of a 135M model moves every weight through memory for a
-handful of tokens, so a second thread adds little. This measures what running two stages at once, one
-thread each, would buy. Each side does the same work twice: a 600-token prompt for 4 sequences, then
+One stage at a time on all cores is wasteful on a small CPU where a stage decodes: a decoding step of a
+135M model moves every weight through memory for a handful of tokens, so a second thread adds little. This
+measures what running two stages at once, one thread each, buys: what ``foresight ablate`` does with
+``lanes: 2`` (two rows at once, each stage on its share of the CPUs). Each side does the same work twice: a 600-token prompt for 4 sequences, then
 ``--decode-tokens`` greedy tokens after it (FC-RL's group, an eval batch; a rollout's later turns reuse
 the prompt's keys and values, so its time is mostly decoding) and ``--train-steps`` training steps on one
 1024-token row (WM-AMT / FE-SFT). The baseline does the two units one after the other in one

@@ -391,15 +391,16 @@ def lane_share(cfg: PipelineConfig, table: AblationConfig) -> AblationConfig:
 
 def in_lanes(work: Any, n: int, lanes: int) -> None:
     """``work(i)`` for i in 0..n-1, ``lanes`` at a time, taken in order; each thread sees this flow run's
-    context (Prefect's run, its logger). The first failure is raised once every started item has ended
-    (a row never stops another half-way); the items not yet started are not started."""
+    context (Prefect's run, its logger). After a failure no item starts: the first failure is raised once
+    the items in flight have ended (a row never stops another half-way). Ctrl-C returns at once, starting
+    nothing more; the stages in flight end as an interrupted stage does (resumed by its key next time)."""
     if lanes <= 1:
         for i in range(n):
             work(i)
         return
     import contextvars
     import threading
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor, wait
 
     failed = threading.Event()
 
@@ -412,8 +413,17 @@ def in_lanes(work: Any, n: int, lanes: int) -> None:
             failed.set()
             raise
 
-    with ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="lane") as pool:
-        futures = [pool.submit(guarded, contextvars.copy_context(), i) for i in range(n)]
+    pool = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="lane")
+    futures = [pool.submit(guarded, contextvars.copy_context(), i) for i in range(n)]
+    try:
+        pending = set(futures)
+        while pending:  # a timeout: a signal's handler runs only once this thread wakes
+            pending = wait(pending, timeout=0.5).not_done
+    except BaseException:  # KeyboardInterrupt: this thread alone gets it
+        failed.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     for f in futures:
         f.result()  # the first failure, in the rows' order
 

@@ -7,7 +7,7 @@
     ref["model_uri"], ref["metrics"], ref["reused"]
 
 A stage is a spec plus its core function. ``run_stage`` owns what every stage does the same way:
-1. The key: the stage's config section (less what only changes speed or retries, ``NOT_IN_KEY``), the
+1. The key: the stage's config section (less what only changes speed or retries or only measures, ``NOT_IN_KEY``), the
    sections it also reads (model, envs, seed), the inputs' sha256, the starting model and the code
    version of the core modules it runs (``foresight_core.provenance``). Same key, same result.
 2. A FINISHED MLflow run with that key is the result: nothing runs, the reference says ``reused``.
@@ -40,8 +40,11 @@ from tasks.tracking import MlflowTracker, TrackingError, find_runs, stage_params
 
 MODEL_ARTIFACT = "model"
 
-# fields of a stage's section that change its speed or its retries, not its result
-NOT_IN_KEY = ("scaling.max_failures", "scaling.cpus_per_worker", "scaling.malloc_tuning", "num_actors")
+# fields of a stage's section that change its speed or its retries, not its result; and the format check after
+# WM-AMT / FE-SFT, which measures the saved model without changing it: a run reused by a caller that asks for
+# another check reports the check that run made (``tasks.train.check_mismatch`` says so)
+NOT_IN_KEY = ("scaling.max_failures", "scaling.cpus_per_worker", "scaling.malloc_tuning", "num_actors",
+              "format_check_tasks", "format_check_temperature", "format_check_max_new_tokens", "format_check_max_turns")
 
 
 @dataclass(frozen=True)

@@ -272,9 +272,27 @@ def run_sft_stage(stage: str, cfg: PipelineConfig, corpus_uri: str, init_model_u
                                  cfg, stage, key, stage_cfg.scaling, stage_cfg.keep_checkpoints, tracker)
         return Launched(final_metrics(result, tracker, "check/" if check_uris else None), tags)
 
-    return run_stage(StageSpec(stage=stage, cfg=cfg, entries=ENTRIES, launch=launch, init_model_uri=init_model_uri,
-                               inputs=[StageInput(stage, data_uri, data_sha, context=stage)],
-                               manifest_uri=manifest_uri), parent_run_id)
+    ref = run_stage(StageSpec(stage=stage, cfg=cfg, entries=ENTRIES, launch=launch, init_model_uri=init_model_uri,
+                              inputs=[StageInput(stage, data_uri, data_sha, context=stage)],
+                              manifest_uri=manifest_uri), parent_run_id)
+    mismatch = check_mismatch(stage, stage_cfg.format_check_tasks, ref) if ref["reused"] else None
+    if mismatch:
+        log.warning(mismatch)
+    return ref
+
+
+def check_mismatch(stage: str, wanted_tasks: int, ref: dict[str, Any]) -> str | None:
+    """What a reused supervised stage's format check lacks against the one asked for (None: nothing). The check
+    is not part of the stage's key (it measures the saved model, it does not change it), so the finished run
+    is reused as it is, with the check it made."""
+    made = int(ref["metrics"].get("check/n_tasks", 0))
+    if wanted_tasks and not made:
+        return (f"{stage}: reused run {ref['run_id']} (same key: the format check is not part of it) made no format "
+                f"check, so none is reported; `foresight eval` on its model {ref['model_uri']} measures the format")
+    if wanted_tasks and made != wanted_tasks:
+        return (f"{stage}: reused run {ref['run_id']} made its format check on {made} tasks, not the "
+                f"{stage}.format_check_tasks={wanted_tasks} asked for: its check is reported")
+    return None
 
 
 def run_relabel_stage(cfg: PipelineConfig, corpus_uri: str, init_model_uri: str | None,

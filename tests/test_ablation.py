@@ -167,3 +167,26 @@ def test_in_lanes_raises_the_first_failure_after_the_rows_in_flight_end():
         in_lanes(work, 6, lanes=2)
     assert 0 in finished and 1 not in finished
     assert len(started) <= 3  # nothing new starts once a row has failed (at most the one already taken)
+
+
+def test_ctrl_c_stops_the_lanes_at_once_and_starts_no_other_row():
+    import _thread
+    import threading
+    import time
+
+    from flows.pipeline import in_lanes
+
+    started, release = [], threading.Event()
+
+    def work(i):
+        started.append(i)
+        release.wait(10)  # a long stage
+
+    threading.Timer(0.3, _thread.interrupt_main).start()  # Ctrl-C while two rows are in flight
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        in_lanes(work, 6, lanes=2)
+    assert time.monotonic() - t0 < 5  # not after the rows in flight
+    release.set()
+    time.sleep(0.2)
+    assert sorted(started) == [0, 1]  # the rows in flight; none after the interrupt

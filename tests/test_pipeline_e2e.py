@@ -78,10 +78,10 @@ def test_tiny_pipeline_end_to_end_then_ablation(prefect_server, ray_local, tiny_
     # evaluation (CI time)
     no_planning = [v.model_copy(update={"overrides": {k: x for k, x in v.overrides.items() if k != "eval.plan_candidates"}})
                    for v in table.variants if v.name in rows_kept]
-    # and without the table's own overrides (no FE-SFT format check), which would make its FE-SFT another stage
-    # than the run's: the reuse across flows is what this shows (test_ablation covers the overrides)
+    # the table's own override turns FE-SFT's format check off; the check only measures, so it is not in FE-SFT's
+    # key, and the rows still reuse the run's FE-SFT (which made its check)
     assert table.overrides == {"fe_sft.format_check_tasks": 0}
-    table = table.model_copy(update={"variants": no_planning, "seeds": [0, 1], "n_boot": 200, "overrides": {}})
+    table = table.model_copy(update={"variants": no_planning, "seeds": [0, 1], "n_boot": 200})
     ablation_cfg = tiny_cfg.model_copy(update={"eval": tiny_cfg.eval.model_copy(update={"plan_candidates": 0})})
     out = ablation(ablation_cfg, table)
     rows = {r["variant"]: r for r in out["rows"]}
@@ -104,6 +104,12 @@ def test_tiny_pipeline_end_to_end_then_ablation(prefect_server, ray_local, tiny_
                   and r.data.tags["foresight.seed"] == "0")
     omega0_refs = json.loads(Path(client.download_artifacts(omega0.info.run_id, "refs.json")).read_text())
     assert omega0_refs["fe_sft.run_id"] == refs["fe_sft.run_id"]  # shared: only FC-RL and eval differ
+    assert omega0_refs["fe_sft.reused"] == "true"  # though the table turns the check off: it is not in the key
+    fe_only = next(r for r in children if r.data.tags["foresight.variant"] == "fe_sft_only"
+                   and r.data.tags["foresight.seed"] == "1")
+    fe_only_refs = json.loads(Path(client.download_artifacts(fe_only.info.run_id, "refs.json")).read_text())
+    assert fe_only_refs["fe_sft.reused"] == "false"  # trained by the table (from the base model) without the check
+    assert not any(k.startswith("check/") for k in client.get_run(fe_only_refs["fe_sft.run_id"]).data.metrics)
     # two rows at a time (the table's lanes), each stage on its share of ray_local's 2 CPUs: one thread
     assert table.lanes == 2
     spans = sorted((r.info.start_time, r.info.end_time) for r in children)

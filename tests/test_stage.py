@@ -82,3 +82,32 @@ def test_a_stage_whose_holder_died_is_resumed_once_its_lease_lapses(cfg):
     ref = run_stage(spec_for(cfg, ok))
     assert calls == [dead.run_id] and ref["run_id"] == dead.run_id and not ref["reused"]
     assert time.time() - t0 >= 3  # it waited for the lease to lapse before taking the run over
+
+
+def test_the_key_leaves_out_what_only_measures_or_speeds_up(tmp_path):
+    base = load_config("tiny", overrides=[f"work_dir={tmp_path}"], env={})
+
+    def key(*overrides):
+        c = load_config("tiny", overrides=[f"work_dir={tmp_path}", *overrides], env={})
+        return stage_key(StageSpec(stage="fe_sft", cfg=c, entries=("foresight_core.sft",), inputs=[], launch=None))
+
+    same = key()
+    assert base.fe_sft.format_check_tasks > 0
+    # the format check plays the saved model after training: it does not change the model
+    assert key("fe_sft.format_check_tasks=0") == same
+    assert key("fe_sft.format_check_max_turns=2", "fe_sft.format_check_temperature=0") == same
+    assert key("fe_sft.scaling.cpus_per_worker=1") == same
+    # what the model learns from is in it
+    assert key("fe_sft.lr=3e-5") != same and key("fe_sft.max_steps=7") != same and key("seed=3") != same
+
+
+def test_a_reused_stage_says_what_its_check_lacks():
+    from tasks.train import check_mismatch
+
+    ref = {"run_id": "r1", "model_uri": "runs:/r1/model", "metrics": {"check/n_tasks": 6.0, "loss": 0.2}}
+    assert check_mismatch("fe_sft", 6, ref) is None
+    assert check_mismatch("fe_sft", 0, ref) is None  # a check nobody asked for is still reported
+    assert "on 6 tasks, not the fe_sft.format_check_tasks=2" in check_mismatch("fe_sft", 2, ref)
+    none = {**ref, "metrics": {"loss": 0.2}}
+    assert "made no format check" in check_mismatch("fe_sft", 6, none) and "runs:/r1/model" in check_mismatch("fe_sft", 6, none)
+    assert check_mismatch("fe_sft", 0, none) is None
