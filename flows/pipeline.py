@@ -440,6 +440,7 @@ def ablation(cfg: PipelineConfig, table: AblationConfig) -> dict[str, Any]:
     from foresight_core.config.ablation import row_configs
     from foresight_core.evidence import RowRun, RowSpec, evidence_table, pooled_pairs, table_markdown
     from tasks.evaluate import CALIBRATION, TASK_SCORES, log_calibration_plots
+    from tasks.progress import row_label
     from tasks.tracking import run_json, run_metrics
 
     cfg = revalidate(cfg)
@@ -455,10 +456,11 @@ def ablation(cfg: PipelineConfig, table: AblationConfig) -> dict[str, Any]:
         def row(i: int) -> None:
             variant, seed, vcfg = runs_to_do[i]
             logger.info("variant %s seed %d (%s)", variant.name, seed, variant.paper_row)
-            refs = _run_stages(vcfg, list(variant.stages), run_name=f"{vcfg.name}-seed{seed}-pipeline",
-                               parent_run_id=parent.run_id,
-                               extra_tags={"foresight.variant": variant.name, "foresight.seed": str(seed)},
-                               register_model=False)  # variants are evidence, not candidates for champion
+            with row_label(f"{variant.name} s{seed}"):  # its stages' progress lines say which row they are
+                refs = _run_stages(vcfg, list(variant.stages), run_name=f"{vcfg.name}-seed{seed}-pipeline",
+                                   parent_run_id=parent.run_id,
+                                   extra_tags={"foresight.variant": variant.name, "foresight.seed": str(seed)},
+                                   register_model=False)  # variants are evidence, not candidates for champion
             if refs.get("eval.run_id"):
                 results[i] = RowRun(variant.name, seed, run_metrics(cfg, refs["eval.run_id"]),
                                     run_json(cfg, refs["eval.run_id"], TASK_SCORES),

@@ -21,6 +21,7 @@ elsewhere (CI, a log file, a Prefect worker) it is a plain line when the phase c
 
 from __future__ import annotations
 
+import contextvars
 import json
 import sys
 import threading
@@ -186,13 +187,69 @@ def stage_status(stage: str, metrics: Mapping[str, float], tags: Mapping[str, st
 # Where the line goes: a live bar on a terminal, plain throttled lines elsewhere
 
 
+ROW: contextvars.ContextVar[str] = contextvars.ContextVar("foresight_row", default="")
+"""The ablation row (and seed) this thread works for: its stages' lines start with it (``row_label``)."""
+
+
+@contextmanager
+def row_label(label: str) -> Iterator[None]:
+    """Lines of the stages run inside start with ``label`` (rows side by side: ``foresight ablate`` lanes)."""
+    token = ROW.set(label)
+    try:
+        yield
+    finally:
+        ROW.reset(token)
+
+
+class _SharedBar:
+    """One rich progress display per output, shared by the stages in flight (one bar line each): two live
+    displays on one terminal would overwrite each other's lines."""
+
+    _lock = threading.Lock()
+    _bars: dict[int, tuple[Any, int]] = {}  # id(out) -> (rich Progress, stages using it)
+
+    @classmethod
+    def acquire(cls, out: TextIO) -> Any:
+        with cls._lock:
+            bar, users = cls._bars.get(id(out), (None, 0))
+            if bar is None:
+                from rich.console import Console
+                from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+                bar = Progress(SpinnerColumn(), TextColumn("[bold]{task.fields[stage]}"),
+                               TextColumn("{task.description}"), BarColumn(bar_width=30),
+                               TextColumn("{task.fields[count]}"), TextColumn("{task.fields[info]}"),
+                               TimeElapsedColumn(), console=Console(file=out), transient=True, refresh_per_second=4)
+                bar.start()
+            cls._bars[id(out)] = (bar, users + 1)
+            return bar
+
+    @classmethod
+    def release(cls, out: TextIO, task: Any, final: str | None) -> None:
+        """Drop ``task``'s line and write ``final`` above the bars left (or alone, once none is left)."""
+        with cls._lock:
+            bar, users = cls._bars[id(out)]
+            bar.remove_task(task)
+            if users > 1:
+                cls._bars[id(out)] = (bar, users - 1)
+                if final:
+                    bar.console.print(final, markup=False, highlight=False, soft_wrap=True)
+                return
+            del cls._bars[id(out)]
+            bar.stop()
+        if final:
+            out.write(final + "\n")
+            out.flush()
+
+
 class Display:
-    """One stage's progress line on ``out`` (stdout): a rich bar when ``out`` is a terminal, else
-    a plain line on each phase change and at most every ``every_s`` seconds."""
+    """One stage's progress line on ``out`` (stdout): a rich bar when ``out`` is a terminal (one display shared
+    by the stages in flight), else a plain line on each phase change and at most every ``every_s`` seconds.
+    The line starts with the row it works for, when there is one (``row_label``)."""
 
     def __init__(self, name: str, out: TextIO | None = None, tty: bool | None = None,
                  every_s: float = PLAIN_EVERY_S, clock_fn: Callable[[], float] = time.monotonic) -> None:
-        self.name = name
+        self.name = f"{ROW.get()} {name}".strip()
         self.out = out or sys.stdout
         self.tty = bool(getattr(self.out, "isatty", lambda: False)()) if tty is None else tty
         self.every_s, self.clock = every_s, clock_fn
@@ -204,16 +261,8 @@ class Display:
         self._task: Any = None
         self._lock = threading.Lock()
         if self.tty:
-            from rich.console import Console
-            from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-            console = Console(file=self.out)
-            self._bar = Progress(SpinnerColumn(), TextColumn("[bold]{task.fields[stage]}"),
-                                 TextColumn("{task.description}"), BarColumn(bar_width=30),
-                                 TextColumn("{task.fields[count]}"), TextColumn("{task.fields[info]}"),
-                                 TimeElapsedColumn(), console=console, transient=True, refresh_per_second=4)
-            self._task = self._bar.add_task("", total=None, stage=name, count="", info="")
-            self._bar.start()
+            self._bar = _SharedBar.acquire(self.out)
+            self._task = self._bar.add_task("", total=None, stage=self.name, count="", info="")
 
     def elapsed(self) -> float:
         return self.clock() - self.t0
@@ -240,11 +289,11 @@ class Display:
     def close(self, final: str | None = None) -> None:
         """Stop the bar and write one last plain line: ``final``, or where the stage got."""
         with self._lock:
-            if self._bar is not None:
-                self._bar.stop()
-                self._bar = None
             text = final if final is not None else self.line(self.status) if self.status else None
-            if text:
+            if self._bar is not None:
+                self._bar = None
+                _SharedBar.release(self.out, self._task, text)
+            elif text:
                 self.out.write(text + "\n")
                 self.out.flush()
 
@@ -259,7 +308,7 @@ def activity(name: str, label: str, out: TextIO | None = None) -> Iterator[Displ
         yield display
         ok = True
     finally:
-        display.close(f"[{name} {clock(display.elapsed())}] {label}: {'done' if ok else 'failed'}")
+        display.close(f"[{display.name} {clock(display.elapsed())}] {label}: {'done' if ok else 'failed'}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,4 +403,4 @@ def watch_stage(stage: str, tracker: Any, *, waiting: str = "starting Ray Train 
                                else replace(display.status, detail="").text())
         else:
             line = "failed during: " + (display.status.text() if display.status else "")
-        display.close(f"[{stage} {clock(display.elapsed())}] {line}")
+        display.close(f"[{display.name} {clock(display.elapsed())}] {line}")

@@ -189,7 +189,7 @@ def _progress(show: bool, description: str, total: int) -> Iterator[Callable[[in
         yield advance
         ok = True
     finally:
-        display.close(f"[{description} {clock(display.elapsed())}] {'done' if ok else 'failed'}: "
+        display.close(f"[{display.name} {clock(display.elapsed())}] {'done' if ok else 'failed'}: "
                       f"{done}/{total} items")
 
 

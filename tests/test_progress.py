@@ -170,3 +170,34 @@ def test_tty_display_draws_a_bar_and_leaves_one_line() -> None:
     d.show(Status("train", 2, 10, "steps", detail="rollouts 3/8 episodes", info="loss 0.100", eta_s=80))
     d.close("[fc_rl 0:12] done: train 10/10 steps")
     assert out.getvalue().rstrip().endswith("[fc_rl 0:12] done: train 10/10 steps")
+
+
+def test_stages_in_flight_share_one_terminal_display_and_name_their_row() -> None:
+    import threading
+
+    from tasks.progress import _SharedBar, row_label
+
+    out = io.StringIO()
+    lines: dict[str, Display] = {}
+
+    def lane(label: str, stage: str) -> None:
+        with row_label(label):
+            lines[label] = Display(stage, out, tty=True)
+
+    for label, stage in (("full s0", "fc_rl"), ("sft_only s1", "fe_sft")):
+        t = threading.Thread(target=lane, args=(label, stage))
+        t.start()
+        t.join()
+    a, b = lines["full s0"], lines["sft_only s1"]
+    assert (a.name, b.name) == ("full s0 fc_rl", "sft_only s1 fe_sft")
+    assert a._bar is b._bar and len(a._bar.tasks) == 2  # one live display, a line for each stage
+    a.show(Status("train", 2, 10, "steps"))
+    b.show(Status("train", 5, 16, "steps"))
+    a.close(f"[{a.name} 0:12] done: train 10/10 steps")
+    assert len(b._bar.tasks) == 1 and id(out) in _SharedBar._bars  # b's line still live
+    b.close(f"[{b.name} 0:30] done: train 16/16 steps")
+    assert id(out) not in _SharedBar._bars  # the last stage out stops the display
+    text = out.getvalue()
+    assert "[full s0 fc_rl 0:12] done: train 10/10 steps" in text
+    assert text.rstrip().endswith("[sft_only s1 fe_sft 0:30] done: train 16/16 steps")
+    assert Display("eval", io.StringIO(), tty=False).name == "eval"  # outside a row: the stage alone
