@@ -384,7 +384,13 @@ def lane_share(cfg: PipelineConfig, table: AblationConfig) -> AblationConfig:
     if table.lanes == 1 or cfg.infra.ray.address or cfg.infra.ray.cpus_per_stage or \
             "infra.ray.cpus_per_stage" in table.overrides:
         return table
-    cpus = cfg.infra.ray.num_cpus or len(os.sched_getaffinity(0))
+    import ray
+
+    from tasks.runtime import node_cpus
+
+    # the Ray this process already runs (a notebook's, a test's), else the one a stage will start
+    cpus = max(node_cpus(), default=1) if ray.is_initialized() else \
+        cfg.infra.ray.num_cpus or len(os.sched_getaffinity(0))
     share = max(1, cpus // table.lanes)
     return table.model_copy(update={"overrides": {**table.overrides, "infra.ray.cpus_per_stage": share}})
 
@@ -436,7 +442,8 @@ def ablation(cfg: PipelineConfig, table: AblationConfig) -> dict[str, Any]:
     rows that train them alike). The table (``foresight_core.evidence``: means with intervals over tasks
     and seeds, paired differences against the reference row, planning against its random-of-K control,
     calibration over each row's seeds pooled) is logged as Markdown and JSON, and each row's reliability
-    diagram and risk-coverage curve as PNGs under ``plots/<row>/``."""
+    diagram and risk-coverage curve as PNGs under ``plots/<row>/``. ``table.lanes`` (row, seed) pipelines
+    run at once (``in_lanes``), each stage on its share of a local Ray's CPUs (``lane_share``)."""
     from foresight_core.config.ablation import row_configs
     from foresight_core.evidence import RowRun, RowSpec, evidence_table, pooled_pairs, table_markdown
     from tasks.evaluate import CALIBRATION, TASK_SCORES, log_calibration_plots

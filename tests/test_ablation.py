@@ -99,9 +99,14 @@ def test_variant_mapping_override_merges():
     assert apply_variant(cfg, v).fe_sft.loss_on == "assistant"
 
 
-def test_lanes_split_a_local_ray_and_leave_a_cluster_to_its_scheduler():
+def test_lanes_split_a_local_ray_and_leave_a_cluster_to_its_scheduler(monkeypatch):
+    import ray
+
+    import tasks.runtime
     from flows.pipeline import lane_share
     from foresight_core.config.ablation import row_configs
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # the Ray a stage will start: infra.ray.num_cpus
 
     t = AblationConfig(lanes=2, overrides={"fc_rl.lr": 3e-5}, variants=[Variant(name="a", stages=["corpus", "eval"])])
     four = load_config("laptop", overrides=["infra.ray.num_cpus=4"], env={})
@@ -115,6 +120,9 @@ def test_lanes_split_a_local_ray_and_leave_a_cluster_to_its_scheduler():
     assert lane_share(cluster, t) == t  # a cluster places the stages by their own resource requests
     own = load_config("laptop", overrides=["infra.ray.num_cpus=4", "infra.ray.cpus_per_stage=3"], env={})
     assert lane_share(own, t) == t  # the user's share stands
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # a Ray already running: its CPUs count
+    monkeypatch.setattr(tasks.runtime, "node_cpus", lambda: [2])
+    assert lane_share(four, t).overrides["infra.ray.cpus_per_stage"] == 1
     assert load_ablation("paper_table").lanes == 2  # the method table: two rows at once
     with pytest.raises(ValueError, match="lanes"):
         AblationConfig(lanes=0, variants=t.variants)
