@@ -179,6 +179,7 @@ def test_in_lanes_raises_the_first_failure_after_the_rows_in_flight_end():
 
 def test_ctrl_c_stops_the_lanes_at_once_and_starts_no_other_row():
     import _thread
+    import signal
     import threading
     import time
 
@@ -190,10 +191,15 @@ def test_ctrl_c_stops_the_lanes_at_once_and_starts_no_other_row():
         started.append(i)
         release.wait(10)  # a long stage
 
+    # Python's own Ctrl-C handler (an earlier test's Prefect or Ray may have installed another one)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Timer(0.3, _thread.interrupt_main).start()  # Ctrl-C while two rows are in flight
     t0 = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        in_lanes(work, 6, lanes=2)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            in_lanes(work, 6, lanes=2)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert time.monotonic() - t0 < 5  # not after the rows in flight
     release.set()
     time.sleep(0.2)
